@@ -1,0 +1,400 @@
+"""Twisted adapter around the sans-IO mux core, shared by the relay and the agent.
+
+`MuxLink` owns the link transport (TLS over TCP): it feeds received bytes to a
+`MuxConnection`, dispatches the events, flushes queued frames, and runs the
+keepalive. `SplicedConnection` is one local TCP connection (a visitor on the
+relay, a service on the agent) spliced to one mux stream.
+
+Backpressure, both ways (Twisted producers and consumers):
+- local -> link: a splice reads only while its stream has send window and the
+  link transport is not paused; bytes the window did not take (at most one
+  read) wait in `_stash` with the local socket paused.
+- link -> local: received DATA is written to the local transport at once; the
+  window credit goes back to the peer only once that transport is not paused
+  (its buffer drained), so a stalled service or visitor costs at most its
+  stream window, and never stalls the other streams of the link.
+
+Half-close: local EOF -> FIN (after any stashed bytes); FIN -> loseWriteConnection.
+This module knows nothing of tunnels, tokens or routing: subclasses do.
+"""
+
+import os
+
+from twisted.internet.interfaces import IHalfCloseableProtocol, IPushProducer
+from twisted.internet.protocol import Protocol
+from twisted.logger import Logger
+from zope.interface import implementer
+
+from relay.mux import ErrorCode, MuxConnection, MuxProtocolError
+from relay.mux import events as ev
+
+DEFAULT_KEEPALIVE_INTERVAL_SECONDS = 10.0
+DEFAULT_KEEPALIVE_TIMEOUT_SECONDS = 30.0
+# Twisted's TLS loseConnection waits for the peer's close_notify forever: a
+# peer that never answers must not keep a dead link around.
+CLOSE_DEADLINE_SECONDS = 5.0
+# Agents and services on loopback handle bursts; 50 (Twisted's default) drops SYNs.
+LISTEN_BACKLOG = 1024
+
+
+def set_socket_options(transport, keepalive: bool = False) -> None:
+    """TCP_NODELAY always (frames and small writes must not wait for Nagle);
+    SO_KEEPALIVE on visitor/service sockets so dead idle peers do not leak."""
+    try:
+        transport.setTcpNoDelay(True)
+        if keepalive:
+            transport.setTcpKeepAlive(True)
+    except (AttributeError, OSError):
+        pass  # not a TCP transport (tests, UNIX sockets)
+
+
+@implementer(IHalfCloseableProtocol, IPushProducer)
+class SplicedConnection(Protocol):
+    """A local TCP connection spliced to one mux stream.
+
+    Also the push producer registered with its own transport: that transport
+    calls pauseProducing()/resumeProducing() on us as its write buffer fills
+    and drains, which is when we hold back or return window credit.
+    """
+
+    _log = Logger()
+
+    def __init__(self, link: "MuxLink", stream_id: int):
+        self.link = link
+        self.stream_id = stream_id
+        self.stream_open = True  # the mux stream still exists on our side
+        self._early: list[bytes] = []  # DATA that came before the local connection
+        self._stash = b""  # local bytes our send window has not taken yet
+        self._eof_pending = False  # local EOF seen; FIN waits for the stash
+        self._peer_fin = False
+        self._write_paused = False
+        self._uncredited = 0
+        self._read_paused = False
+        self._window_empty = False
+
+    # -- local side (Twisted calls these) ------------------------------------
+
+    def connectionMade(self):
+        set_socket_options(self.transport, keepalive=True)
+        self.transport.registerProducer(self, True)
+        early, self._early = self._early, []
+        for data in early:
+            self.deliver(data)
+        if self._peer_fin:
+            self.transport.loseWriteConnection()
+        self.update_reading()
+        self.link.flush()
+
+    def dataReceived(self, data: bytes):
+        if not self.stream_open:
+            return
+        if self._stash:
+            self._stash += data  # only after a pause raced with a read in flight
+        else:
+            self._stash = data
+        self.push()
+        self.link.flush()
+
+    def readConnectionLost(self):
+        self._eof_pending = True
+        self.push()
+        self.link.flush()
+
+    def writeConnectionLost(self):
+        pass  # we half-closed after the peer's FIN; reading may go on
+
+    def connectionLost(self, reason):
+        self.link.splice_lost(self)
+
+    # -- IPushProducer for the local transport's writes ----------------------
+
+    def pauseProducing(self):
+        self._write_paused = True
+
+    def resumeProducing(self):
+        self._write_paused = False
+        if self._uncredited and self.stream_open:
+            self.link.mux.consumed(self.stream_id, self._uncredited)
+            self._uncredited = 0
+            self.link.flush()
+
+    def stopProducing(self):
+        self._write_paused = True
+
+    # -- link side (MuxLink calls these) -------------------------------------
+
+    def deliver(self, data: bytes) -> None:
+        """Bytes from the peer: write them on, credit them once written."""
+        if self.transport is None:
+            self._early.append(data)  # not connected yet: uncredited, so bounded by the window
+            return
+        self.transport.write(data)
+        if self._write_paused:
+            self._uncredited += len(data)
+        else:
+            self.link.mux.consumed(self.stream_id, len(data))
+
+    def peer_ended(self) -> None:
+        self._peer_fin = True
+        if self.transport is not None:
+            self.transport.loseWriteConnection()
+
+    def window_opened(self) -> None:
+        self.push()
+
+    def push(self) -> None:
+        """Move stashed bytes into the stream as far as the window allows."""
+        if not self.stream_open:
+            return
+        mux = self.link.mux
+        if self._stash:
+            taken = mux.send(self.stream_id, self._stash)
+            self._stash = self._stash[taken:] if taken < len(self._stash) else b""
+        self._window_empty = bool(self._stash) or mux.send_window(self.stream_id) <= 0
+        if self._eof_pending and not self._stash:
+            self._eof_pending = False
+            mux.end_stream(self.stream_id)
+            self.stream_open = self.stream_id in mux.streams
+        self.update_reading()
+
+    def update_reading(self) -> None:
+        if self.transport is None:
+            return
+        should_pause = self._window_empty or self.link.paused
+        if should_pause and not self._read_paused:
+            self._read_paused = True
+            self.transport.pauseProducing()
+        elif not should_pause and self._read_paused:
+            self._read_paused = False
+            self.transport.resumeProducing()
+
+    def abort(self) -> None:
+        """The stream is gone (reset, or the link died): drop the local side now."""
+        self.stream_open = False
+        self._early = []
+        if self.transport is not None:
+            self.transport.abortConnection()
+
+
+@implementer(IPushProducer)
+class MuxLink(Protocol):
+    """One mux link over a stream transport; subclasses add the relay's or the
+    agent's behaviour through the on_* hooks."""
+
+    _log = Logger()
+
+    def __init__(
+        self,
+        mux: MuxConnection,
+        clock,
+        *,
+        keepalive_interval_seconds: float = DEFAULT_KEEPALIVE_INTERVAL_SECONDS,
+        keepalive_timeout_seconds: float = DEFAULT_KEEPALIVE_TIMEOUT_SECONDS,
+    ):
+        self.mux = mux
+        self.clock = clock
+        self.keepalive_interval_seconds = keepalive_interval_seconds
+        self.keepalive_timeout_seconds = keepalive_timeout_seconds
+        self.splices: dict[int, SplicedConnection] = {}
+        self.paused = False
+        self.closed = False
+        self.last_received = clock.seconds()
+        self.peer = "?"
+        self._keepalive_call = None
+        self._close_deadline = None
+        self._handlers = {
+            ev.HelloReceived: self._on_hello_event,
+            ev.ControlReceived: self._on_control_event,
+            ev.StreamOpened: self._on_stream_opened_event,
+            ev.DataReceived: self._on_data,
+            ev.StreamEnded: self._on_stream_ended,
+            ev.StreamReset: self._on_stream_reset,
+            ev.WindowOpened: self._on_window_opened,
+            ev.PongReceived: self._on_pong,
+            ev.GoAwayReceived: self._on_goaway,
+        }
+
+    # -- Protocol ------------------------------------------------------------
+
+    def connectionMade(self):
+        peer = self.transport.getPeer()
+        self.peer = f"{getattr(peer, 'host', '?')}:{getattr(peer, 'port', '?')}"
+        set_socket_options(self.transport)
+        self.transport.registerProducer(self, True)
+        self.last_received = self.clock.seconds()
+        self._keepalive_call = self.clock.callLater(self.keepalive_interval_seconds, self._keepalive)
+        self.on_connected()
+
+    def dataReceived(self, data: bytes):
+        self.last_received = self.clock.seconds()  # any frame counts as liveness
+        try:
+            events = self.mux.receive_data(data)
+            handlers = self._handlers
+            for event in events:
+                handlers[type(event)](event)
+                if self.closed:
+                    return
+        except MuxProtocolError as e:
+            # The core queued GOAWAY(code) for its own errors; hooks raise too.
+            self._log.warn("closing link {peer}: {error}", peer=self.peer, error=e)
+            self.close_link(e.code, str(e))
+            return
+        self.flush()
+
+    def connectionLost(self, reason):
+        self.closed = True
+        self._cancel_timers()
+        splices, self.splices = self.splices, {}
+        for splice in splices.values():
+            splice.abort()
+        self.on_link_lost(reason)
+
+    # -- IPushProducer: the link transport's write buffer --------------------
+
+    def pauseProducing(self):
+        if not self.paused:
+            self.paused = True
+            for splice in self.splices.values():
+                splice.update_reading()
+
+    def resumeProducing(self):
+        if self.paused:
+            self.paused = False
+            for splice in list(self.splices.values()):
+                splice.push()
+            self.flush()
+
+    def stopProducing(self):
+        self.paused = True
+
+    # -- commands -------------------------------------------------------------
+
+    def flush(self) -> None:
+        if self.mux.has_outgoing() and self.transport is not None:
+            self.transport.writeSequence(self.mux.outgoing())
+
+    def close_link(self, code: ErrorCode | None = None, message: str = "") -> None:
+        """Send GOAWAY (if not already queued) and close, with a deadline."""
+        if self.closed:
+            return
+        self.closed = True
+        if code is not None:
+            self.mux.close(code, message)
+        self.flush()
+        self._cancel_timers()
+        self.transport.loseConnection()
+        self._close_deadline = self.clock.callLater(CLOSE_DEADLINE_SECONDS, self.abort_link)
+
+    def abort_link(self) -> None:
+        self._close_deadline = None
+        self.closed = True
+        if self.transport is not None:
+            self.transport.abortConnection()
+
+    def attach_splice(self, splice: SplicedConnection) -> None:
+        self.splices[splice.stream_id] = splice
+
+    def splice_lost(self, splice: SplicedConnection) -> None:
+        """The local connection closed: reset the stream if it is still open."""
+        if self.splices.get(splice.stream_id) is splice:
+            del self.splices[splice.stream_id]
+        if splice.stream_open and splice.stream_id in self.mux.streams and not self.closed:
+            self.mux.reset(splice.stream_id, ErrorCode.CANCEL, "connection closed")
+            self.flush()
+        splice.stream_open = False
+
+    # -- keepalive --------------------------------------------------------------
+
+    def _keepalive(self) -> None:
+        self._keepalive_call = None
+        if self.closed:
+            return
+        silent = self.clock.seconds() - self.last_received
+        if silent >= self.keepalive_timeout_seconds:
+            self._log.warn(
+                "link {peer} silent for {seconds:.0f}s: closing it", peer=self.peer, seconds=silent
+            )
+            self.on_keepalive_timeout()
+            self.close_link(ErrorCode.KEEPALIVE_TIMEOUT, "keepalive timeout")
+            self.abort_link()  # a silent peer will not answer close_notify either
+            return
+        if self.mux.state.value == "open":
+            self.mux.ping(os.urandom(8))
+            self.flush()
+        # Check again at the interval, or exactly at the deadline if that is sooner.
+        delay = min(self.keepalive_interval_seconds, self.keepalive_timeout_seconds - silent)
+        self._keepalive_call = self.clock.callLater(max(delay, 0.05), self._keepalive)
+
+    def _cancel_timers(self) -> None:
+        if self._keepalive_call is not None and self._keepalive_call.active():
+            self._keepalive_call.cancel()
+        self._keepalive_call = None
+
+    # -- event handlers ---------------------------------------------------------
+
+    def _on_hello_event(self, event: ev.HelloReceived):
+        self.on_hello(event.info)
+
+    def _on_control_event(self, event: ev.ControlReceived):
+        self.on_control(event.message)
+
+    def _on_stream_opened_event(self, event: ev.StreamOpened):
+        self.on_stream_opened(event.stream_id, event.metadata)
+
+    def _on_data(self, event: ev.DataReceived):
+        splice = self.splices.get(event.stream_id)
+        if splice is None:
+            # Raced with our reset: the bytes are dropped, the credit too (stream gone).
+            return
+        splice.deliver(event.data)
+
+    def _on_stream_ended(self, event: ev.StreamEnded):
+        splice = self.splices.get(event.stream_id)
+        if splice is not None:
+            splice.stream_open = event.stream_id in self.mux.streams
+            splice.peer_ended()
+
+    def _on_stream_reset(self, event: ev.StreamReset):
+        splice = self.splices.pop(event.stream_id, None)
+        if splice is not None:
+            self.on_stream_reset(event.stream_id, event.code, event.reason)
+            splice.abort()
+
+    def _on_window_opened(self, event: ev.WindowOpened):
+        splice = self.splices.get(event.stream_id)
+        if splice is not None:
+            splice.window_opened()
+
+    def _on_pong(self, event: ev.PongReceived):
+        pass  # receiving it already refreshed last_received
+
+    def _on_goaway(self, event: ev.GoAwayReceived):
+        self.on_goaway(event.code, event.message)
+        self.close_link()
+
+    # -- hooks for subclasses ---------------------------------------------------
+
+    def on_connected(self) -> None:
+        pass
+
+    def on_hello(self, info: dict) -> None:
+        raise MuxProtocolError("unexpected HELLO")
+
+    def on_control(self, message: dict) -> None:
+        pass
+
+    def on_stream_opened(self, stream_id: int, metadata: dict) -> None:
+        self.mux.reset(stream_id, ErrorCode.REFUSED_STREAM, "this side accepts no streams")
+
+    def on_stream_reset(self, stream_id: int, code, reason: str) -> None:
+        pass
+
+    def on_goaway(self, code, message: str) -> None:
+        pass
+
+    def on_keepalive_timeout(self) -> None:
+        pass
+
+    def on_link_lost(self, reason) -> None:
+        pass
+

@@ -1,0 +1,221 @@
+"""`twistd relay`: options and the service tree of one relay node.
+
+makeService() builds services and binds nothing itself: twistd starts them
+(Twisted web/tap.py, transit relay server_tap.py). The development defaults
+are fixed ports below the kernel's ephemeral range (32768-60999), away from
+common services, and never overlapping each other:
+
+    agent port 17000 (TLS)  encrypted tunnels 17443  admin 17080 (loopback)
+    unencrypted tunnel ports 20000-29999
+"""
+
+import resource
+import sys
+
+from twisted.application import service, strports
+from twisted.internet.endpoints import quoteStringArgument
+from twisted.logger import Logger
+from twisted.python import usage
+from twisted.web.server import Site
+
+from relay.agents import DEFAULT_HANDSHAKE_TIMEOUT_SECONDS, AgentLinkFactory
+from relay.link import (
+    DEFAULT_KEEPALIVE_INTERVAL_SECONDS,
+    DEFAULT_KEEPALIVE_TIMEOUT_SECONDS,
+    LISTEN_BACKLOG,
+)
+from relay.ports import PortAllocator
+from relay.tunnels import DEFAULT_GRACE_SECONDS, TunnelRegistry
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+# name -> (default, converter, help). Command line beats --config, which beats these.
+SETTINGS = {
+    "state-dir": ("relay-state", str, "Folder for the CA, certificates, token hash and client.env."),
+    "agent-port": (17000, int, "TLS port agents dial."),
+    "agent-interface": (None, str, "Address the agent port binds (default: --interface)."),
+    "tls-port": (17443, int, "Port for encrypted tunnels (reserved until they exist)."),
+    "admin-port": (17080, int, "Admin HTTP port (GET /healthz, GET /v1/tunnels); 0 disables."),
+    "admin-interface": ("127.0.0.1", str, "Address the admin port binds; keep it private."),
+    "ports": ("20000-29999", str, "Range LO-HI of public ports for unencrypted tunnels."),
+    "public-host": ("localhost", str, "Host name printed in tunnel addresses (and in client.env)."),
+    "interface": ("127.0.0.1", str, "Address public tunnel ports bind (0.0.0.0 or :: in production)."),
+    "grace-seconds": (DEFAULT_GRACE_SECONDS, float, "How long a dropped agent's tunnel waits for it."),
+    "port-quarantine-seconds": (120.0, float, "How long a freed port rests before reuse."),
+    "keepalive-interval": (DEFAULT_KEEPALIVE_INTERVAL_SECONDS, float, "Seconds between link pings."),
+    "keepalive-timeout": (DEFAULT_KEEPALIVE_TIMEOUT_SECONDS, float, "Silence after which a link is dead."),
+    "handshake-timeout": (DEFAULT_HANDSHAKE_TIMEOUT_SECONDS, float, "Deadline for TLS + HELLO."),
+}
+
+
+def parse_port_range(text: str) -> tuple[int, int]:
+    try:
+        low_text, high_text = str(text).split("-", 1)
+        low, high = int(low_text), int(high_text)
+    except ValueError:
+        raise usage.UsageError(f"--ports wants LO-HI, e.g. 20000-29999, not {text!r}") from None
+    if not 1 <= low <= high <= 65535:
+        raise usage.UsageError(f"--ports {text}: need 1 <= LO <= HI <= 65535")
+    return low, high
+
+
+class Options(usage.Options):
+    synopsis = "[options]"
+    longdesc = (
+        "Run a tunnel-relay node. The first start creates the state folder with a "
+        "development CA, the relay's certificate and an agent token, and writes "
+        "<state-dir>/client.env for tunnel-client. Settings may also come from a TOML "
+        "file (--config) with the same keys; the command line beats the file, the file "
+        "beats the defaults."
+    )
+    optFlags = [
+        ["rotate-token", None, "Replace the agent token (and rewrite client.env); old tokens stop working."],
+    ]
+    optParameters = [["config", "c", None, "TOML file with settings (same keys as the options)."]] + [
+        [name, None, None, f"{text} [default: {default}]"] for name, (default, _, text) in SETTINGS.items()
+    ]
+
+    def postOptions(self):
+        from_file = {}
+        if self["config"]:
+            try:
+                with open(self["config"], "rb") as f:
+                    from_file = tomllib.load(f)
+            except (OSError, tomllib.TOMLDecodeError) as e:
+                raise usage.UsageError(f"--config {self['config']}: {e}") from None
+            unknown = set(k.replace("_", "-") for k in from_file) - set(SETTINGS) - {"rotate-token"}
+            if unknown:
+                raise usage.UsageError(f"--config: unknown keys {', '.join(sorted(unknown))}")
+            from_file = {k.replace("_", "-"): v for k, v in from_file.items()}
+        for name, (default, convert, _) in SETTINGS.items():
+            value = self[name]
+            if value is None:
+                value = from_file.get(name, default)
+            if value is not None:
+                try:
+                    value = convert(value)
+                except (TypeError, ValueError):
+                    raise usage.UsageError(f"--{name}: bad value {value!r}") from None
+            self[name] = value
+        if from_file.get("rotate-token"):
+            self["rotate-token"] = True
+        if self["agent-interface"] is None:
+            self["agent-interface"] = self["interface"]
+        self["port-range"] = parse_port_range(self["ports"])
+        for name in ("agent-port", "tls-port", "admin-port"):
+            if not 0 <= self[name] <= 65535:
+                raise usage.UsageError(f"--{name} {self[name]} is not a port")
+        low, high = self["port-range"]
+        for name in ("agent-port", "tls-port", "admin-port"):
+            if low <= self[name] <= high:
+                raise usage.UsageError(f"--{name} {self[name]} lies inside --ports {self['ports']}")
+        if self["keepalive-timeout"] <= self["keepalive-interval"]:
+            raise usage.UsageError("--keepalive-timeout must exceed --keepalive-interval")
+
+
+def raise_open_file_limit() -> int:
+    """Every visitor is a socket: lift the soft limit to the hard one."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or soft < hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            return hard
+        except (ValueError, OSError):
+            return soft
+    return soft
+
+
+class RelayNode(service.MultiService):
+    """The node's services, plus start/stop chores that need a running reactor."""
+
+    _log = Logger()
+
+    def __init__(self, options, state, registry):
+        super().__init__()
+        self.options = options
+        self.state = state
+        self.registry = registry
+
+    def startService(self):
+        super().startService()
+        o = self.options
+        self._log.info(
+            "relay node up: agents on {agent_iface}:{agent_port}, tunnel ports {ports} on {iface}, "
+            "admin on http://{admin_iface}:{admin_port}",
+            agent_iface=o["agent-interface"], agent_port=o["agent-port"], ports=o["ports"],
+            iface=o["interface"], admin_iface=o["admin-interface"], admin_port=o["admin-port"],
+        )
+        if self.state.client_env_path.exists():
+            self._log.info(
+                "next, on the agent's machine: set -a; . {env}; set +a; "
+                "then: tunnel-client forward 22 --unencrypted",
+                env=str(self.state.client_env_path),
+            )
+        else:
+            self._log.warn(
+                "{env} is missing and the relay keeps only the token's hash: restart with "
+                "--rotate-token to issue a new token and rewrite it",
+                env=str(self.state.client_env_path),
+            )
+
+    def stopService(self):
+        self.registry.close_all()
+        for link in list(self.registry.links):
+            link.close_link()
+        return super().stopService()
+
+
+def makeService(options) -> service.IService:
+    from twisted.internet import reactor
+
+    from relay import state as relay_state
+
+    raise_open_file_limit()
+    o = options
+    hostnames = ["localhost"] if o["public-host"] == "localhost" else [o["public-host"], "localhost"]
+    state = relay_state.load_or_create(
+        o["state-dir"],
+        agent_address=f"{o['public-host']}:{o['agent-port']}",
+        hostnames=hostnames,
+        rotate_token=o["rotate-token"],
+    )
+    low, high = o["port-range"]
+    allocator = PortAllocator(low, high, o["port-quarantine-seconds"], reactor)
+    registry = TunnelRegistry(
+        reactor,
+        allocator,
+        interface=o["interface"],
+        public_host=o["public-host"],
+        grace_seconds=o["grace-seconds"],
+    )
+    node = RelayNode(o, state, registry)
+    node.setName("relay")
+
+    agent_factory = AgentLinkFactory(
+        reactor,
+        registry,
+        lambda token: relay_state.check_token(state, token),
+        handshake_timeout_seconds=o["handshake-timeout"],
+        keepalive_interval_seconds=o["keepalive-interval"],
+        keepalive_timeout_seconds=o["keepalive-timeout"],
+    )
+    q = quoteStringArgument
+    agent_endpoint = (
+        f"ssl:{o['agent-port']}:interface={q(o['agent-interface'])}:backlog={LISTEN_BACKLOG}"
+        f":privateKey={q(str(state.key_path))}:certKey={q(str(state.cert_path))}"
+        f":extraCertChain={q(str(state.ca_cert_path))}"
+    )
+    strports.service(agent_endpoint, agent_factory).setServiceParent(node)
+
+    if o["admin-port"]:
+        from relay.admin import AdminAPI
+
+        admin = AdminAPI(registry, reactor.seconds(), reactor)
+        admin_endpoint = f"tcp:{o['admin-port']}:interface={q(o['admin-interface'])}"
+        site = Site(admin.app.resource())
+        site.noisy = False
+        strports.service(admin_endpoint, site).setServiceParent(node)
+    return node
