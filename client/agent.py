@@ -14,7 +14,7 @@ import random
 from OpenSSL import SSL
 from twisted.application.internet import ClientService
 from twisted.internet import defer, error as net_error
-from twisted.internet.endpoints import HostnameEndpoint, TCP4ClientEndpoint, TCP6ClientEndpoint, connectProtocol, wrapClientTLS
+from twisted.internet.endpoints import HostnameEndpoint, TCP4ClientEndpoint, TCP6ClientEndpoint, wrapClientTLS
 from twisted.internet.protocol import Factory
 from twisted.internet.ssl import Certificate, optionsForClientTLS, platformTrust
 from twisted.logger import Logger
@@ -161,7 +161,7 @@ class AgentLink(MuxLink):
                 self.mux.reset(stream_id, ErrorCode.CONNECT_FAILED, "service unreachable")
                 self.flush()
 
-        d = connectProtocol(endpoint, splice)
+        d = endpoint.connect(_SpliceFactory(splice))
         d.addCallbacks(connected, failed)
         d.addErrback(lambda f: self._log.failure("splice setup failed", f))
 
@@ -178,6 +178,19 @@ class AgentLink(MuxLink):
         if not self.ready and reason.check(SSL.Error):
             self.agent.tls_failed(reason)
         self.agent.link_lost(self)
+
+
+class _SpliceFactory(Factory):
+    """connectProtocol()'s one-shot factory without its "Starting/Stopping
+    factory" lines: two info lines per visitor would drown the agent's log."""
+
+    noisy = False
+
+    def __init__(self, splice: SplicedConnection):
+        self.splice = splice
+
+    def buildProtocol(self, addr):
+        return self.splice
 
 
 class _AgentLinkFactory(Factory):

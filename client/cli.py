@@ -145,6 +145,7 @@ def _forward(args) -> int:
     _start_logging(args.verbose)
 
     from twisted.internet import reactor
+    from twisted.internet.error import ReactorNotRunning
 
     outcome = {"code": 0}
 
@@ -174,8 +175,12 @@ def _forward(args) -> int:
         outcome["code"] = failure.value.exit_code
 
     def finished(_):
-        if reactor.running:
+        # After a signal the reactor is already stopping (agent.stop runs
+        # "before shutdown") while reactor.running is still True.
+        try:
             reactor.stop()
+        except ReactorNotRunning:
+            pass
 
     agent.done.addErrback(failed).addBoth(finished)
     # SIGINT/SIGTERM stop the reactor; say goodbye to the relay first.

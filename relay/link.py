@@ -71,6 +71,8 @@ class SplicedConnection(Protocol):
         self._uncredited = 0
         self._read_paused = False
         self._window_empty = False
+        self._read_closed = False
+        self._write_closed = False
 
     # -- local side (Twisted calls these) ------------------------------------
 
@@ -80,9 +82,9 @@ class SplicedConnection(Protocol):
         early, self._early = self._early, []
         for data in early:
             self.deliver(data)
-        if self._peer_fin:
-            self.transport.loseWriteConnection()
         self.update_reading()
+        if self._peer_fin:
+            self._half_close()
         self.link.flush()
 
     def dataReceived(self, data: bytes):
@@ -96,12 +98,20 @@ class SplicedConnection(Protocol):
         self.link.flush()
 
     def readConnectionLost(self):
+        self._read_closed = True
         self._eof_pending = True
         self.push()
         self.link.flush()
+        self._close_if_done()
 
     def writeConnectionLost(self):
-        pass  # we half-closed after the peer's FIN; reading may go on
+        self._write_closed = True
+        self._close_if_done()
+
+    def _close_if_done(self):
+        # Twisted leaves a half-closed socket open after both halves end.
+        if self._read_closed and self._write_closed:
+            self.transport.loseConnection()
 
     def connectionLost(self, reason):
         self.link.splice_lost(self)
@@ -137,7 +147,13 @@ class SplicedConnection(Protocol):
     def peer_ended(self) -> None:
         self._peer_fin = True
         if self.transport is not None:
-            self.transport.loseWriteConnection()
+            self._half_close()
+
+    def _half_close(self) -> None:
+        # No DATA follows a FIN, so no credit is owed: drop the producer first,
+        # or a paused one makes Twisted skip the shutdown once the buffer drains.
+        self.transport.unregisterProducer()
+        self.transport.loseWriteConnection()
 
     def window_opened(self) -> None:
         self.push()
@@ -158,7 +174,9 @@ class SplicedConnection(Protocol):
         self.update_reading()
 
     def update_reading(self) -> None:
-        if self.transport is None:
+        if self.transport is None or self._read_closed:
+            # After EOF Twisted has dropped the reader; resumeProducing() would
+            # add it back, read EOF again and call readConnectionLost twice (FIN twice).
             return
         should_pause = self._window_empty or self.link.paused
         if should_pause and not self._read_paused:
@@ -244,6 +262,7 @@ class MuxLink(Protocol):
     def connectionLost(self, reason):
         self.closed = True
         self._cancel_timers()
+        self._cancel_close_deadline()  # aborting a lost TLS transport raises
         splices, self.splices = self.splices, {}
         for splice in splices.values():
             splice.abort()
@@ -282,11 +301,15 @@ class MuxLink(Protocol):
             self.mux.close(code, message)
         self.flush()
         self._cancel_timers()
+        # Twisted's TLS sends close_notify only once no producer is registered
+        # (protocols/tls.py loseConnection); without this every close waited
+        # for the deadline below. The link produces nothing more anyway.
+        self.transport.unregisterProducer()
         self.transport.loseConnection()
         self._close_deadline = self.clock.callLater(CLOSE_DEADLINE_SECONDS, self.abort_link)
 
     def abort_link(self) -> None:
-        self._close_deadline = None
+        self._cancel_close_deadline()
         self.closed = True
         if self.transport is not None:
             self.transport.abortConnection()
@@ -324,6 +347,11 @@ class MuxLink(Protocol):
         # Check again at the interval, or exactly at the deadline if that is sooner.
         delay = min(self.keepalive_interval_seconds, self.keepalive_timeout_seconds - silent)
         self._keepalive_call = self.clock.callLater(max(delay, 0.05), self._keepalive)
+
+    def _cancel_close_deadline(self) -> None:
+        if self._close_deadline is not None and self._close_deadline.active():
+            self._close_deadline.cancel()
+        self._close_deadline = None
 
     def _cancel_timers(self) -> None:
         if self._keepalive_call is not None and self._keepalive_call.active():

@@ -121,7 +121,7 @@ class MuxConnection:
         # The peer's initial window, learned from its HELLO.
         self.peer_initial_window = DEFAULT_INITIAL_WINDOW
         self.streams: dict[int, _Stream] = {}
-        self._decoder = fr.FrameDecoder(fr.MAX_HELLO_PAYLOAD)
+        self._decoder = fr.FrameDecoder(fr.MAX_HELLO_PAYLOAD, stop_after=fr.STOP_AFTER)
         self._control: list[bytes] = []  # goes out ahead of data
         self._data: list[bytes] = []
         self._next_stream_id = 2 if role is Role.RELAY else 1
@@ -238,6 +238,7 @@ class MuxConnection:
             self._control.append(fr.encode_window_update(stream_id, grant))
 
     def ping(self, opaque: bytes) -> None:
+        self._require_open()  # the peer refuses PING before the handshake
         if len(opaque) != fr.PING_SIZE:
             raise MuxUsageError("PING payload must be 8 bytes")
         self._control.append(fr.encode(FrameType.PING, 0, opaque))
@@ -258,18 +259,25 @@ class MuxConnection:
     # -- receiving ----------------------------------------------------------
 
     def receive_data(self, data: bytes) -> list[ev.Event]:
-        if self.state is LinkState.CLOSED and self.goaway is not None:
-            return []  # peer said GOAWAY: ignore whatever trails it
+        if self.state is LinkState.CLOSED:
+            # GOAWAY went one way or the other: ignore whatever trails it. After
+            # our own GOAWAY the peer's in-flight frames are no fault of its own
+            # (Twisted's TLS keeps delivering until the peer's close_notify).
+            return []
         try:
-            frames = self._decoder.feed(data)
             events: list[ev.Event] = []
             handlers = self._handlers
-            for frame_type, flags, stream_id, payload in frames:
-                event = handlers[frame_type](stream_id, payload)
-                if event is not None:
-                    events.append(event)
-                if self.goaway is not None:
-                    break
+            frames = self._decoder.feed(data)
+            while frames:
+                for frame_type, flags, stream_id, payload in frames:
+                    event = handlers[frame_type](stream_id, payload)
+                    if event is not None:
+                        events.append(event)
+                    if self.goaway is not None:
+                        return events
+                # The decoder stopped after a HELLO, which may have raised the
+                # size limit for the frames behind it: decode those now.
+                frames = self._decoder.feed(b"") if frames[-1][0] == FrameType.HELLO else []
             return events
         except MuxProtocolError as e:
             self.close(e.code, str(e))

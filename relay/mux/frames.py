@@ -46,6 +46,11 @@ class FrameType(IntEnum):
 
 
 FRAME_TYPES = frozenset(FrameType)
+# MuxConnection's decoder stops after these and returns what it has: HELLO
+# changes the size limit for the frames behind it (16 KiB -> 256 KiB), and
+# nothing after GOAWAY is read at all. Judging the rest first would make the
+# result depend on how the bytes were split into reads.
+STOP_AFTER = frozenset({FrameType.HELLO, FrameType.GOAWAY})
 PING_SIZE = 8
 
 
@@ -74,7 +79,8 @@ def encode_coded(frame_type: int, stream_id: int, code: int, message: str) -> by
 def decode_json(payload: bytes) -> dict:
     try:
         obj = json.loads(payload)
-    except (UnicodeDecodeError, ValueError) as e:
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:
+        # RecursionError: a 16 KiB HELLO of nested brackets, before any auth.
         raise MuxProtocolError(f"payload is not JSON: {e}") from None
     if not isinstance(obj, dict):
         raise MuxProtocolError("JSON payload is not an object")
@@ -96,14 +102,17 @@ class FrameDecoder:
     """Cuts a byte stream into (type, flags, stream_id, payload) tuples.
 
     Any split of the input gives the same frames. Size limits are checked on
-    the header, before the payload is buffered.
+    the header, before the payload is buffered. `feed()` returns early after a
+    frame whose type is in `stop_after`, leaving the rest buffered: call
+    `feed(b"")` to go on.
     """
 
-    __slots__ = ("_buffer", "max_payload")
+    __slots__ = ("_buffer", "max_payload", "stop_after")
 
-    def __init__(self, max_payload: int = MAX_HELLO_PAYLOAD):
+    def __init__(self, max_payload: int = MAX_HELLO_PAYLOAD, stop_after: frozenset = frozenset()):
         self._buffer = bytearray()
         self.max_payload = max_payload
+        self.stop_after = stop_after
 
     @property
     def buffered(self) -> int:
@@ -121,6 +130,7 @@ class FrameDecoder:
         end = len(view)
         unpack_from = HEADER.unpack_from
         max_payload = self.max_payload
+        stop_after = self.stop_after
         with memoryview(view) as mv:  # one copy per payload, from either source
             while end - offset >= HEADER_SIZE:
                 length, frame_type, flags, stream_id = unpack_from(view, offset)
@@ -135,6 +145,8 @@ class FrameDecoder:
                     break
                 frames.append((frame_type, flags, stream_id, bytes(mv[offset + HEADER_SIZE : stop])))
                 offset = stop
+                if frame_type in stop_after:
+                    break
         if buf:
             del buf[:offset]
         elif offset < end:

@@ -1,0 +1,230 @@
+"""The Twisted adapter (relay/link.py, relay/agents.py) over in-memory
+transports and a fake clock: keepalive, credit, backpressure, handshake."""
+
+import pytest
+from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
+from twisted.logger import capturedLogs
+
+from relay.agents import AgentLinkFactory
+from relay.link import MuxLink, SplicedConnection
+from relay.mux import ErrorCode, MuxConnection, Role
+from relay.mux import events as ev
+from relay.mux import frames as fr
+
+TOKEN = "s3cret-token-value-never-logged"
+
+
+class FakeRegistry:
+    def __init__(self):
+        self.links = set()
+        self.tunnels = {}
+        self.lost = []
+
+    def link_lost(self, link, graceful):
+        self.lost.append((link, graceful))
+
+
+class StreamLink(MuxLink):
+    """A relay-role link that opens streams on demand, for adapter tests."""
+
+
+def handshaken_pair(clock, **kwargs):
+    """A relay-role MuxLink on a StringTransport, and the agent's core as the peer."""
+    link = StreamLink(MuxConnection(Role.RELAY), clock, **kwargs)
+    transport = StringTransport()
+    link.makeConnection(transport)
+    peer = MuxConnection(Role.AGENT)
+    peer.send_hello({"token": "x"})
+    link.mux.receive_data(b"".join(peer.outgoing()))
+    link.mux.send_hello({})
+    link.flush()
+    peer.receive_data(transport.value())
+    transport.clear()
+    return link, transport, peer
+
+
+def open_splice(link):
+    stream_id = link.mux.open_stream({"tunnel": "t"})
+    splice = SplicedConnection(link, stream_id)
+    link.attach_splice(splice)
+    local = StringTransport()
+    splice.makeConnection(local)
+    return splice, local
+
+
+def frames_of(data: bytes):
+    return fr.FrameDecoder(fr.MAX_FRAME_PAYLOAD).feed(data)
+
+
+def test_keepalive_pings_then_declares_silent_link_dead():
+    """A link pings every interval and is aborted once nothing arrived for the timeout."""
+    clock = Clock()
+    link, transport, peer = handshaken_pair(
+        clock, keepalive_interval_seconds=10, keepalive_timeout_seconds=30
+    )
+    clock.advance(10)
+    assert [f[0] for f in frames_of(transport.value())] == [fr.FrameType.PING]
+    clock.advance(10)
+    clock.advance(10)
+    assert transport.disconnecting or link.closed
+    assert link.closed
+
+
+def test_any_frame_counts_as_liveness():
+    """Data arriving more often than the timeout keeps the link up even if no PONG comes."""
+    clock = Clock()
+    link, transport, peer = handshaken_pair(
+        clock, keepalive_interval_seconds=10, keepalive_timeout_seconds=30
+    )
+    splice, local = open_splice(link)
+    peer.receive_data(transport.value())
+    transport.clear()
+    for _ in range(10):
+        clock.advance(9)
+        peer.send(splice.stream_id, b"x")
+        link.dataReceived(b"".join(peer.outgoing()))
+    assert not link.closed
+    assert local.value() == b"x" * 10
+
+
+def test_credit_waits_for_a_paused_consumer():
+    """Bytes written to a paused local transport are credited only when it resumes."""
+    clock = Clock()
+    link, transport, peer = handshaken_pair(clock)
+    splice, local = open_splice(link)
+    peer.receive_data(transport.value())
+    transport.clear()
+    splice.pauseProducing()  # the local socket's buffer is full
+    sent = peer.send(splice.stream_id, b"a" * 200_000)
+    link.dataReceived(b"".join(peer.outgoing()))
+    assert sent == 200_000 and len(local.value()) == 200_000
+    assert not any(f[0] == fr.FrameType.WINDOW_UPDATE for f in frames_of(transport.value()))
+    splice.resumeProducing()
+    updates = [f for f in frames_of(transport.value()) if f[0] == fr.FrameType.WINDOW_UPDATE]
+    assert updates, "credit must flow once the consumer drains"
+
+
+def test_exhausted_window_pauses_the_local_reader():
+    """When the send window is used up, the local socket stops being read; credit resumes it."""
+    clock = Clock()
+    link, transport, peer = handshaken_pair(clock)
+    splice, local = open_splice(link)
+    events = peer.receive_data(transport.value())
+    transport.clear()
+    window = link.mux.send_window(splice.stream_id)
+    splice.dataReceived(b"b" * (window + 1000))
+    assert local.producerState == "paused"
+    events = peer.receive_data(transport.value())
+    transport.clear()
+    received = sum(len(e.data) for e in events if isinstance(e, ev.DataReceived))
+    assert received == window  # the rest waits in the stash, bounded by one read
+    peer.consumed(splice.stream_id, received)
+    link.dataReceived(b"".join(peer.outgoing()))
+    assert local.producerState == "producing"
+    events = peer.receive_data(transport.value())
+    assert sum(len(e.data) for e in events if isinstance(e, ev.DataReceived)) == 1000
+
+
+def test_paused_link_pauses_every_local_reader():
+    """The link transport's backpressure pauses reading on every spliced connection."""
+    clock = Clock()
+    link, transport, peer = handshaken_pair(clock)
+    pairs = [open_splice(link) for _ in range(3)]
+    link.pauseProducing()
+    assert all(local.producerState == "paused" for _, local in pairs)
+    link.resumeProducing()
+    assert all(local.producerState == "producing" for _, local in pairs)
+
+
+def test_local_eof_sends_fin_after_stashed_bytes():
+    """A local EOF becomes FIN, and only after the bytes the window held back."""
+    clock = Clock()
+    link, transport, peer = handshaken_pair(clock)
+    splice, local = open_splice(link)
+    peer.receive_data(transport.value())
+    transport.clear()
+    window = link.mux.send_window(splice.stream_id)
+    splice.dataReceived(b"c" * (window + 10))
+    splice.readConnectionLost()
+    events = peer.receive_data(transport.value())
+    transport.clear()
+    assert not any(isinstance(e, ev.StreamEnded) for e in events)
+    peer.consumed(splice.stream_id, window)
+    link.dataReceived(b"".join(peer.outgoing()))
+    events = peer.receive_data(transport.value())
+    kinds = [type(e) for e in events]
+    assert kinds == [ev.DataReceived, ev.StreamEnded]
+
+
+def test_malformed_frame_closes_only_that_link():
+    """Garbage on an open link sends GOAWAY(PROTOCOL_ERROR) and closes the link."""
+    clock = Clock()
+    link, transport, peer = handshaken_pair(clock)
+    link.dataReceived(fr.encode(0x7F, 0, b""))
+    frames = frames_of(transport.value())
+    assert frames[-1][0] == fr.FrameType.GOAWAY
+    assert fr.decode_coded(frames[-1][3])[0] == ErrorCode.PROTOCOL_ERROR
+    assert transport.disconnecting
+
+
+def relay_link(clock, check=lambda token: token == TOKEN):
+    registry = FakeRegistry()
+    factory = AgentLinkFactory(
+        clock, registry, check,
+        handshake_timeout_seconds=5, keepalive_interval_seconds=10, keepalive_timeout_seconds=30,
+    )
+    link = factory.buildProtocol(None)
+    transport = StringTransport()
+    link.makeConnection(transport)
+    return link, transport, registry
+
+
+def test_handshake_deadline_drops_silent_connections():
+    """A connection that sends no HELLO within the deadline is aborted."""
+    clock = Clock()
+    link, transport, registry = relay_link(clock)
+    clock.advance(4.9)
+    assert not link.closed
+    clock.advance(0.2)
+    assert link.closed
+
+
+def test_bad_token_is_refused_and_never_logged():
+    """A wrong token gets GOAWAY(AUTH_FAILED); neither token appears in any log event."""
+    clock = Clock()
+    link, transport, registry = relay_link(clock)
+    agent = MuxConnection(Role.AGENT)
+    agent.send_hello({"token": "wrong-" + TOKEN})
+    with capturedLogs() as events:
+        link.dataReceived(b"".join(agent.outgoing()))
+    frames = frames_of(transport.value())
+    assert frames[-1][0] == fr.FrameType.GOAWAY
+    assert fr.decode_coded(frames[-1][3])[0] == ErrorCode.AUTH_FAILED
+    assert link.closed and registry.links == set()
+    assert events and TOKEN not in repr(events)
+
+
+def test_good_token_opens_the_link():
+    """The right token gets the relay's HELLO and the link joins the registry."""
+    clock = Clock()
+    link, transport, registry = relay_link(clock)
+    agent = MuxConnection(Role.AGENT)
+    agent.send_hello({"token": TOKEN})
+    with capturedLogs() as events:
+        link.dataReceived(b"".join(agent.outgoing()))
+    received = agent.receive_data(transport.value())
+    assert isinstance(received[0], ev.HelloReceived)
+    assert link in registry.links
+    assert TOKEN not in repr(events)
+    clock.advance(10)  # the handshake deadline was cancelled
+    assert not link.closed
+
+
+@pytest.mark.parametrize("garbage", [b"\x16\x03\x01" + b"\x00" * 100, b"GET / HTTP/1.1\r\n\r\n"])
+def test_unauthenticated_garbage_is_dropped(garbage):
+    """Bytes that are not a HELLO close an unauthenticated link at once."""
+    clock = Clock()
+    link, transport, registry = relay_link(clock)
+    link.dataReceived(garbage)
+    assert link.closed
