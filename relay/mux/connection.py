@@ -233,6 +233,8 @@ class MuxConnection:
         stream = self.streams.get(stream_id)
         if stream is None or n <= 0:
             return
+        if n > stream.recv.pending:
+            raise MuxUsageError(f"stream {stream_id}: consumed {n} bytes, only {stream.recv.pending} received")
         grant = stream.recv.consumed(n, self.budget)
         if grant and stream.state in (StreamState.OPEN, StreamState.HALF_CLOSED_LOCAL):
             self._control.append(fr.encode_window_update(stream_id, grant))
@@ -328,7 +330,8 @@ class MuxConnection:
         if self.state is not expected or self.peer_hello is not None:
             raise MuxProtocolError(f"unexpected HELLO in link state {self.state.value}")
         info = fr.decode_json(payload)
-        if info.get("version") != fr.PROTOCOL_VERSION:
+        version = info.get("version")
+        if type(version) is not int or version != fr.PROTOCOL_VERSION:  # True == 1 in Python
             raise UnsupportedVersionError(
                 f"peer speaks version {info.get('version')!r}; this side speaks {fr.PROTOCOL_VERSION}"
             )

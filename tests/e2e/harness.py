@@ -403,3 +403,58 @@ class LinkProxy:
         self.sock.close()
         for pair in self.pairs:
             pair.close()
+
+
+class PrivateSSHD:
+    """A private OpenSSH server on a free loopback port, with its own config,
+    host key and authorized_keys in a temp folder: never the system's sshd."""
+
+    SSHD = "/usr/sbin/sshd"
+
+    def __init__(self, workdir: Path):
+        self.dir = Path(workdir)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.port = free_port()
+        self.host_key = self.dir / "host_ed25519"
+        self.client_key = self.dir / "client_ed25519"
+        for key in (self.host_key, self.client_key):
+            subprocess.run(
+                ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)],
+                check=True, timeout=30, stdin=subprocess.DEVNULL,
+            )
+        (self.dir / "authorized_keys").write_text((self.dir / "client_ed25519.pub").read_text())
+        self.config = self.dir / "sshd_config"
+        self.config.write_text(
+            f"Port {self.port}\nListenAddress 127.0.0.1\nHostKey {self.host_key}\n"
+            f"AuthorizedKeysFile {self.dir}/authorized_keys\nPidFile {self.dir}/sshd.pid\n"
+            "StrictModes no\nUsePAM no\nPasswordAuthentication no\nKbdInteractiveAuthentication no\n"
+            "PermitRootLogin prohibit-password\nAllowTcpForwarding yes\nGatewayPorts no\n"
+            "LogLevel ERROR\n"
+        )
+        os.makedirs("/run/sshd", exist_ok=True)  # sshd's privilege separation folder
+        self.proc = subprocess.Popen(
+            [self.SSHD, "-D", "-e", "-f", str(self.config)],
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        )
+        wait_for(lambda: self.proc.poll() is not None or port_open(self.port), 15, "sshd")
+        if self.proc.poll() is not None:
+            raise RuntimeError(f"sshd exited: {self.proc.stderr.read().decode(errors='replace')}")
+
+    def ssh_args(self, port: int, host: str = "127.0.0.1") -> list[str]:
+        """An ssh command line to this server (reached via host:port) that trusts nothing global."""
+        import getpass
+
+        return [
+            "ssh", "-F", "/dev/null", "-i", str(self.client_key), "-p", str(port),
+            "-o", "StrictHostKeyChecking=no", "-o", f"UserKnownHostsFile={self.dir}/known_hosts",
+            "-o", "BatchMode=yes", "-o", "ConnectTimeout=10", "-o", "LogLevel=ERROR",
+            f"{getpass.getuser()}@{host}",
+        ]
+
+    def close(self):
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()

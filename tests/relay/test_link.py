@@ -228,3 +228,16 @@ def test_unauthenticated_garbage_is_dropped(garbage):
     link, transport, registry = relay_link(clock)
     link.dataReceived(garbage)
     assert link.closed
+
+
+def test_close_link_unregisters_the_producer_and_cancels_its_deadline():
+    """Closing drops our producer (else Twisted's TLS never sends close_notify),
+    and a link lost before the deadline is not aborted later."""
+    clock = Clock()
+    link, transport, peer = handshaken_pair(clock)
+    assert transport.producer is link
+    link.close_link()
+    assert transport.producer is None and transport.disconnecting
+    assert clock.getDelayedCalls()
+    link.connectionLost(None)
+    assert not [c for c in clock.getDelayedCalls() if c.active()]
