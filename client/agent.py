@@ -13,7 +13,7 @@ import random
 
 from OpenSSL import SSL
 from twisted.application.internet import ClientService
-from twisted.internet import defer, error as net_error
+from twisted.internet import defer
 from twisted.internet.endpoints import HostnameEndpoint, TCP4ClientEndpoint, TCP6ClientEndpoint, wrapClientTLS
 from twisted.internet.protocol import Factory
 from twisted.internet.ssl import Certificate, optionsForClientTLS, platformTrust
@@ -27,6 +27,8 @@ from client.errors import (
     TunnelError,
     request_error,
 )
+from client.config import ServiceSpec, TunnelSpec, parse_host_port
+from client.proxyheader import proxy_header
 from relay.link import DEFAULT_KEEPALIVE_INTERVAL_SECONDS, DEFAULT_KEEPALIVE_TIMEOUT_SECONDS, MuxLink, SplicedConnection
 from relay.mux import ErrorCode, MuxConnection, Role
 
@@ -39,77 +41,64 @@ BACKOFF_INITIAL_SECONDS = 0.5
 BACKOFF_MAX_SECONDS = 30.0
 
 
-def parse_host_port(text: str, default_host: str | None = None) -> tuple[str, int]:
-    """'22' -> (default_host, 22); 'db:5432'; '[::1]:22' -> ('::1', 22)."""
-    text = str(text).strip()
-    host, port_text = default_host, text
-    if text.startswith("["):
-        close = text.find("]")
-        if close < 0 or text[close + 1 : close + 2] != ":":
-            raise ConfigurationError(f"bad address {text!r}: use [IPv6]:PORT")
-        host, port_text = text[1:close], text[close + 2 :]
-    elif ":" in text:
-        host, port_text = text.rsplit(":", 1)
-    try:
-        port = int(port_text)
-    except ValueError:
-        raise ConfigurationError(f"bad address {text!r}: the port must be a number") from None
-    if not 1 <= port <= 65535 or not host:
-        raise ConfigurationError(f"bad address {text!r}: need [HOST:]PORT with PORT in 1-65535")
-    return host, port
+class Endpoint:
+    """A service's public address, as the relay granted it."""
 
-
-class TunnelSpec:
-    """What the user asked for: a local target and the kind of tunnel."""
-
-    def __init__(self, host: str, port: int, kind: str = "tcp", name: str | None = None):
-        self.host, self.port, self.kind = host, port, kind
-        self.name = name or (str(port) if host == "localhost" else f"{host}:{port}")
+    def __init__(self, service: ServiceSpec, granted: dict):
+        self.service = service
+        self.kind = granted.get("kind", "tcp")
+        self.url = granted.get("url")
+        self.hostname = granted.get("hostname")
+        socket_pair = granted.get("tcp_socket") or granted.get("tls_socket") or [None, None]
+        self.host, self.port = socket_pair[0], socket_pair[1]
 
     @property
-    def target(self) -> str:
-        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+    def tcp_socket(self) -> tuple[str, int] | None:
+        return (self.host, self.port) if self.kind == "tcp" else None
+
+    @property
+    def tls_socket(self) -> tuple[str, int] | None:
+        return (self.hostname, self.port) if self.kind == "tls" else None
+
+    def describe(self) -> dict:
+        out = {"url": self.url}
+        if self.kind == "tcp":
+            out["tcp_socket"] = [self.host, self.port]
+        else:
+            out["tls_socket"] = [self.hostname, self.port]
+            out["hostname"] = self.hostname
+        if self.service.name:
+            out["service"] = self.service.name
+        out["local"] = self.service.target
+        return out
 
 
 class Tunnel:
-    """A tunnel the relay granted: its public address, and what it reaches."""
+    """A tunnel the relay granted: its public addresses, and what they reach."""
 
     def __init__(self, spec: TunnelSpec):
         self.spec = spec
         self.tunnel_id: str | None = None
-        self.host: str | None = None
-        self.port: int | None = None
-        self.url: str | None = None
+        self.endpoints: list[Endpoint] = []
         self.reclaim_secret: str | None = None
-        self._resolved = None  # an endpoint that worked: skip name resolution next time
 
     @property
-    def tcp_socket(self) -> tuple[str, int]:
-        return (self.host, self.port)
+    def url(self) -> str | None:
+        return self.endpoints[0].url if self.endpoints else None
 
-    def describe(self) -> dict:
-        return {
-            "url": self.url,
-            "tcp_socket": [self.host, self.port],
-            "local": self.spec.target,
-            "name": self.spec.name,
-            "tunnel_id": self.tunnel_id,
-        }
+    @property
+    def urls(self) -> tuple[str, ...]:
+        return tuple(e.url for e in self.endpoints)
 
-    def local_endpoint(self, reactor):
-        if self._resolved is not None:
-            return self._resolved
-        return HostnameEndpoint(reactor, self.spec.host, self.spec.port, timeout=SERVICE_CONNECT_TIMEOUT_SECONDS)
+    def service(self, name: str) -> ServiceSpec | None:
+        for service in self.spec.services:
+            if service.name == name:
+                return service
+        return None
 
-    def remember_address(self, reactor, address) -> None:
-        host = getattr(address, "host", None)
-        if not host or self._resolved is not None:
-            return
-        endpoint_class = TCP6ClientEndpoint if ":" in host else TCP4ClientEndpoint
-        self._resolved = endpoint_class(reactor, host, self.spec.port, timeout=SERVICE_CONNECT_TIMEOUT_SECONDS)
-
-    def forget_address(self) -> None:
-        self._resolved = None
+    def describe(self) -> list[dict]:
+        """One JSON-ready object per endpoint."""
+        return [dict(e.describe(), tunnel_id=self.tunnel_id) for e in self.endpoints]
 
 
 class AgentLink(MuxLink):
@@ -140,28 +129,30 @@ class AgentLink(MuxLink):
 
     def on_stream_opened(self, stream_id: int, metadata: dict):
         tunnel = self.agent.tunnels_by_id.get(metadata.get("tunnel"))
-        if tunnel is None:
-            self.mux.reset(stream_id, ErrorCode.REFUSED_STREAM, "no such tunnel on this agent")
+        service = tunnel.service(metadata.get("service", "")) if tunnel is not None else None
+        if service is None:
+            self.mux.reset(stream_id, ErrorCode.REFUSED_STREAM, "no such tunnel or service on this agent")
             return
         splice = SplicedConnection(self, stream_id)
+        if service.proxy_protocol:
+            splice.preamble = proxy_header(service.proxy_protocol, metadata.get("peer"), metadata.get("local"))
         self.attach_splice(splice)
-        endpoint = tunnel.local_endpoint(self.clock)
 
         def connected(protocol):
-            tunnel.remember_address(self.clock, protocol.transport.getPeer())
+            self.agent.remember_address(service, protocol.transport.getPeer())
 
         def failed(failure):
-            tunnel.forget_address()
+            self.agent.forget_address(service)
             self._log.warn(
                 "cannot reach {target} for a visitor of {url}: {error}",
-                target=tunnel.spec.target, url=tunnel.url, error=failure.getErrorMessage(),
+                target=service.target, url=tunnel.url, error=failure.getErrorMessage(),
             )
             if self.splices.pop(stream_id, None) is not None and not self.closed:
                 splice.stream_open = False
                 self.mux.reset(stream_id, ErrorCode.CONNECT_FAILED, "service unreachable")
                 self.flush()
 
-        d = endpoint.connect(_SpliceFactory(splice))
+        d = self.agent.service_endpoint(service).connect(_SpliceFactory(splice))
         d.addCallbacks(connected, failed)
         d.addErrback(lambda f: self._log.failure("splice setup failed", f))
 
@@ -243,10 +234,34 @@ class TunnelAgent:
         self.done = defer.Deferred()
         self._ever_ready = False
         self._stopping = False
-        self._pending: dict[int, tuple[Tunnel, bool]] = {}
+        self._pending: dict[int, Tunnel] = {}
         self._next_request_id = 1
         self._service: ClientService | None = None
         self._link_gone: defer.Deferred | None = None
+        self._resolved: dict[ServiceSpec, object] = {}
+
+    # -- services ---------------------------------------------------------------------
+
+    def service_endpoint(self, service: ServiceSpec):
+        """Where to connect for a visitor: the address that worked last time
+        (no name resolution per stream), else the name as given."""
+        endpoint = self._resolved.get(service)
+        if endpoint is None:
+            endpoint = HostnameEndpoint(
+                self.reactor, service.host, service.port, timeout=SERVICE_CONNECT_TIMEOUT_SECONDS
+            )
+        return endpoint
+
+    def remember_address(self, service: ServiceSpec, address) -> None:
+        host = getattr(address, "host", None)
+        if host and service not in self._resolved:
+            endpoint_class = TCP6ClientEndpoint if ":" in host else TCP4ClientEndpoint
+            self._resolved[service] = endpoint_class(
+                self.reactor, host, service.port, timeout=SERVICE_CONNECT_TIMEOUT_SECONDS
+            )
+
+    def forget_address(self, service: ServiceSpec) -> None:
+        self._resolved.pop(service, None)
 
     # -- lifecycle ------------------------------------------------------------------
 
@@ -355,7 +370,7 @@ class TunnelAgent:
     def _request_tunnel(self, link: AgentLink, tunnel: Tunnel) -> None:
         request_id = self._next_request_id
         self._next_request_id += 1
-        request = {"id": request_id, "op": "open_tunnel", "kind": tunnel.spec.kind, "name": tunnel.spec.name}
+        request = dict(tunnel.spec.wire(), id=request_id, op="open_tunnel")
         if tunnel.reclaim_secret is not None:
             request["reclaim"] = {"tunnel": tunnel.tunnel_id, "secret": tunnel.reclaim_secret}
         self._pending[request_id] = tunnel
@@ -368,35 +383,35 @@ class TunnelAgent:
             return
         if not message.get("ok"):
             error = message.get("error") or {}
+            targets = ", ".join(s.target for s in tunnel.spec.services)
             self.fail(request_error(
                 str(error.get("code", "error")),
-                f"the relay refused a tunnel to {tunnel.spec.target}: {error.get('message', 'no reason given')}",
+                f"the relay refused a tunnel to {targets}: {error.get('message', 'no reason given')}",
             ))
             return
         granted = message.get("tunnel") or {}
-        old_url = tunnel.url
+        old_urls = tunnel.urls
         if tunnel.tunnel_id is not None:
             self.tunnels_by_id.pop(tunnel.tunnel_id, None)
         tunnel.tunnel_id = granted.get("id")
-        tunnel.host = granted.get("host")
-        tunnel.port = granted.get("port")
-        tunnel.url = granted.get("url")
+        by_name = {e.get("service", ""): e for e in granted.get("endpoints") or []}
+        tunnel.endpoints = [Endpoint(s, by_name.get(s.name, {})) for s in tunnel.spec.services]
         if message.get("reclaim_secret"):
             tunnel.reclaim_secret = message["reclaim_secret"]
         self.tunnels_by_id[tunnel.tunnel_id] = tunnel
-        if old_url is None:
+        if not old_urls:
             event = "open"
-            self._log.info("forwarding {url} -> {target}", url=tunnel.url, target=tunnel.spec.target)
-        elif old_url == tunnel.url:
+            for endpoint in tunnel.endpoints:
+                self._log.info(
+                    "forwarding {url} -> {target}", url=endpoint.url, target=endpoint.service.target
+                )
+        elif old_urls == tunnel.urls:
             event = "reconnected"
-            self._log.info("{url} is live again", url=tunnel.url)
+            self._log.info("{urls} is live again", urls=" ".join(tunnel.urls))
         else:
             event = "moved"
             self._log.warn(
-                "{old} expired while the link was down; the tunnel is now {url}", old=old_url, url=tunnel.url
+                "{old} expired while the link was down; the tunnel is now {urls}",
+                old=" ".join(old_urls), urls=" ".join(tunnel.urls),
             )
         self.on_tunnel(tunnel, event)
-
-
-def is_connection_refused(failure) -> bool:
-    return failure.check(net_error.ConnectionRefusedError) is not None

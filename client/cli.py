@@ -27,6 +27,56 @@ Load a relay's development settings with:  set -a; . relay-state/client.env; set
 """
 
 
+def _add_common_options(command: argparse.ArgumentParser) -> None:
+    kinds = command.add_argument_group("kind of tunnel (default: encrypted, the relay terminates TLS)")
+    kinds.add_argument(
+        "--unencrypted", action="store_true",
+        help="raw TCP tunnel on a random public port of the relay (tcp://host:port)",
+    )
+    kinds.add_argument(
+        "--tls-passthrough", action="store_true",
+        help="the relay routes by SNI without terminating: the service speaks TLS itself",
+    )
+    kinds.add_argument(
+        "--alpn", action="append", metavar="PROTO",
+        help="ALPN protocols the service speaks, e.g. h2 for HTTP/2 and gRPC "
+        "(repeatable or comma-separated; default http/1.1)",
+    )
+    access = command.add_argument_group("visitor access (checked at L4; open by default)")
+    access.add_argument(
+        "--allow", action="append", metavar="CIDR",
+        help="only visitors from this network (repeatable); others are closed and counted",
+    )
+    access.add_argument(
+        "--client-ca", metavar="FILE",
+        help="mutual TLS: visitors must present a certificate from this CA (encrypted tunnels)",
+    )
+    access.add_argument(
+        "--proxy-protocol", choices=("v1", "v2"),
+        help="write a PROXY protocol header with the visitor's address to the service",
+    )
+    relay = command.add_argument_group("relay and agent")
+    relay.add_argument("--json", action="store_true", help="print one JSON object per address")
+    relay.add_argument("--relay", help="relay agent address HOST:PORT [env TUNNEL_RELAY]")
+    relay.add_argument("--token", help="agent token [env TUNNEL_TOKEN]")
+    relay.add_argument("--ca", help="CA file for the relay's certificate [env TUNNEL_CA]")
+    relay.add_argument("--config", metavar="FILE", help="agent TOML file (see the README)")
+    relay.add_argument(
+        "--max-retries", type=int, default=None, metavar="N",
+        help="give up after N failed reconnects (0: exit as soon as the link is lost; "
+        "for supervisors such as systemd or Docker); default: retry forever",
+    )
+    relay.add_argument(
+        "--keepalive-interval", type=float, default=None, metavar="SECONDS",
+        help="seconds between keepalive pings (default 10)",
+    )
+    relay.add_argument(
+        "--keepalive-timeout", type=float, default=None, metavar="SECONDS",
+        help="declare the link dead after this much silence (default 30)",
+    )
+    relay.add_argument("-v", "--verbose", action="store_true", help="log debug detail")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="tunnel-client",
@@ -38,58 +88,92 @@ def build_parser() -> argparse.ArgumentParser:
     commands.required = True
     forward = commands.add_parser(
         "forward",
-        help="forward one or more local ports",
-        description="Open one tunnel per target over one link to the relay.",
+        help="forward local ports or named services",
+        description=(
+            "Open one tunnel per [HOST:]PORT, and one tunnel with a URL per --service. "
+            "Encrypted by default: https://<id>.<relay domain>, TLS terminated by the relay."
+        ),
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     forward.add_argument(
-        "targets", nargs="+", metavar="[HOST:]PORT",
+        "targets", nargs="*", metavar="[HOST:]PORT",
         help="local port (host defaults to localhost), or HOST:PORT on the agent's network",
     )
     forward.add_argument(
-        "--unencrypted", action="store_true",
-        help="raw TCP tunnel on a random public port of the relay (tcp://host:port)",
+        "--service", action="append", metavar="NAME=[HOST:]PORT[:MODE]",
+        help="a named service in one shared tunnel: https://NAME-<id>.<domain>; "
+        "MODE is tls (default), passthrough or tcp (repeatable)",
     )
-    forward.add_argument("--json", action="store_true", help="print one JSON object per tunnel")
-    forward.add_argument("--relay", help="relay agent address HOST:PORT [env TUNNEL_RELAY]")
-    forward.add_argument("--token", help="agent token [env TUNNEL_TOKEN]")
-    forward.add_argument("--ca", help="CA file for the relay's certificate [env TUNNEL_CA]")
-    forward.add_argument(
-        "--max-retries", type=int, default=None, metavar="N",
-        help="give up after N failed reconnects (0: exit as soon as the link is lost; "
-        "for supervisors such as systemd or Docker); default: retry forever",
+    _add_common_options(forward)
+    expose = commands.add_parser(
+        "expose",
+        help="expose listed local ports under one tunnel id: https://<port>-<id>.<domain>",
+        description="One tunnel id; each listed port gets https://<port>-<id>.<domain>.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    forward.add_argument(
-        "--keepalive-interval", type=float, default=None, metavar="SECONDS",
-        help="seconds between keepalive pings (default 10)",
-    )
-    forward.add_argument(
-        "--keepalive-timeout", type=float, default=None, metavar="SECONDS",
-        help="declare the link dead after this much silence (default 30)",
-    )
-    forward.add_argument("-v", "--verbose", action="store_true", help="log debug detail")
+    expose.add_argument("--ports", action="append", required=True, metavar="P[,P...]",
+                        help="local ports to expose, e.g. 3000,8080")
+    _add_common_options(expose)
     return parser
 
 
 def _settings(args) -> dict:
-    relay = args.relay or os.environ.get("TUNNEL_RELAY")
-    token = args.token or os.environ.get("TUNNEL_TOKEN")
-    ca = args.ca or os.environ.get("TUNNEL_CA") or None
+    """Merge the command line, the --config file and the environment, in that order."""
+    from client.config import build_specs, load_agent_config, parse_ports
+
+    file = load_agent_config(args.config) if args.config else {}
+
+    def unset(value) -> bool:
+        return value is None or value is False or value == []  # 0 is a real value (max_retries)
+
+    def pick(name, env=None):
+        value = getattr(args, name, None)
+        if unset(value):
+            value = file.get(name)
+        if unset(value) and env:
+            value = os.environ.get(env)
+        return value
+
+    relay = pick("relay", "TUNNEL_RELAY")
+    token = pick("token", "TUNNEL_TOKEN")
+    ca = pick("ca", "TUNNEL_CA") or None
     if not relay:
         raise ConfigurationError("no relay address: set TUNNEL_RELAY or pass --relay HOST:PORT")
     if not token:
         raise ConfigurationError("no token: set TUNNEL_TOKEN or pass --token")
     if ca and not os.path.isfile(ca):
         raise ConfigurationError(f"CA file {ca} does not exist (TUNNEL_CA / --ca)")
-    if not args.unencrypted:
-        raise ConfigurationError(
-            "encrypted tunnels are not available on this version yet: "
-            "add --unencrypted for a raw TCP tunnel (tcp://host:port)"
-        )
-    if args.max_retries is not None and args.max_retries < 0:
+    max_retries = pick("max_retries")
+    if max_retries is not None and (not isinstance(max_retries, int) or max_retries < 0):
         raise ConfigurationError("--max-retries must be 0 or more")
-    return {"relay": relay, "token": token, "ca": ca}
+    client_ca_path = pick("client_ca")
+    client_ca = None
+    if client_ca_path:
+        try:
+            with open(client_ca_path) as f:
+                client_ca = f.read()
+        except OSError as e:
+            raise ConfigurationError(f"cannot read --client-ca {client_ca_path}: {e.strerror}") from None
+    targets = list(getattr(args, "targets", None) or []) + [str(t) for t in file.get("forward", [])]
+    services = list(getattr(args, "service", None) or []) + file.get("services", [])
+    expose_ports = parse_ports(args.ports) if args.command == "expose" else ()
+    specs = build_specs(
+        targets=targets,
+        services=services,
+        expose_ports=expose_ports,
+        unencrypted=bool(pick("unencrypted")),
+        tls_passthrough=bool(pick("tls_passthrough")),
+        alpn=(args.alpn or []) + [str(a) for a in file.get("alpn", [])],
+        allow=(args.allow or []) + [str(a) for a in file.get("allow", [])],
+        client_ca=client_ca,
+        proxy_protocol=pick("proxy_protocol"),
+    )
+    return {
+        "relay": relay, "token": token, "ca": ca, "specs": specs,
+        "max_retries": max_retries, "json": bool(pick("json")),
+    }
 
 
 def _raise_open_file_limit() -> None:
@@ -126,32 +210,28 @@ def _start_logging(verbose: bool) -> None:
 
 def _print_tunnel(tunnel, as_json: bool) -> None:
     if as_json:
-        line = json.dumps(tunnel.describe(), separators=(", ", ": "))
+        lines = [json.dumps(item, separators=(", ", ": ")) for item in tunnel.describe()]
     else:
-        line = tunnel.url
-    sys.stdout.write(line + "\n")
+        lines = [endpoint.url for endpoint in tunnel.endpoints]
+    sys.stdout.write("".join(line + "\n" for line in lines))
     sys.stdout.flush()
 
 
-def _forward(args) -> int:
+def _run(args) -> int:
     settings = _settings(args)
-    from client.agent import TunnelAgent, TunnelSpec, parse_host_port
-
-    specs = []
-    for target in args.targets:
-        host, port = parse_host_port(target, default_host="localhost")
-        specs.append(TunnelSpec(host, port))
     _raise_open_file_limit()
     _start_logging(args.verbose)
 
     from twisted.internet import reactor
     from twisted.internet.error import ReactorNotRunning
 
+    from client.agent import TunnelAgent
+
     outcome = {"code": 0}
 
     def on_tunnel(tunnel, event):
         if event in ("open", "moved"):
-            _print_tunnel(tunnel, args.json)
+            _print_tunnel(tunnel, settings["json"])
 
     kwargs = {}
     if args.keepalive_interval is not None:
@@ -163,9 +243,9 @@ def _forward(args) -> int:
         settings["relay"],
         settings["token"],
         ca_path=settings["ca"],
-        specs=specs,
+        specs=settings["specs"],
         on_tunnel=on_tunnel,
-        max_retries=args.max_retries,
+        max_retries=settings["max_retries"],
         **kwargs,
     )
 
@@ -193,10 +273,7 @@ def _forward(args) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        if args.command == "forward":
-            code = _forward(args)
-        else:  # pragma: no cover (argparse refuses unknown commands)
-            code = 2
+        code = _run(args)
     except TunnelError as e:
         sys.stderr.write(f"tunnel-client: error: {e}\n")
         code = e.exit_code

@@ -19,8 +19,6 @@ from relay.tunnels import TunnelRequestError
 
 DEFAULT_HANDSHAKE_TIMEOUT_SECONDS = 10.0
 RELAY_AGENT_NAME = "tunnel-relay/0.1"
-# A name the agent gives a tunnel is for humans and logs only.
-MAX_TUNNEL_NAME_LENGTH = 200
 
 
 class RelayLink(MuxLink):
@@ -102,12 +100,6 @@ class RelayLink(MuxLink):
         self.flush()
 
     def _open_tunnel(self, request_id: int, message: dict) -> None:
-        kind = message.get("kind", "tcp")
-        name = str(message.get("name", ""))[:MAX_TUNNEL_NAME_LENGTH]
-        if kind != "tcp":
-            raise TunnelRequestError(
-                "unsupported_kind", f"this relay serves only tcp tunnels, not {str(kind)[:20]!r}"
-            )
         reclaim = message.get("reclaim")
         if isinstance(reclaim, dict):
             try:
@@ -128,7 +120,7 @@ class RelayLink(MuxLink):
             failure.trap(TunnelRequestError)
             self._reply_error(request_id, failure.value.code, str(failure.value))
 
-        d = self.registry.open_tcp(self, name)
+        d = self.registry.open_tunnel(self, message)
         d.addCallbacks(opened, failed)
         d.addErrback(lambda f: self._log.failure("open_tunnel failed", f))
 
@@ -141,10 +133,18 @@ class RelayLink(MuxLink):
 
     # -- visitors --------------------------------------------------------------------
 
-    def open_visitor_stream(self, tunnel, addr) -> SplicedConnection:
-        host = getattr(addr, "host", "")
-        port = getattr(addr, "port", 0)
-        stream_id = self.mux.open_stream({"tunnel": tunnel.tunnel_id, "peer": [host, port]})
+    def open_visitor_stream(self, tunnel, endpoint, addr, local, sni=None) -> SplicedConnection:
+        """A stream to the agent for one visitor; `addr` and `local` are the
+        visitor's and our side of its TCP connection (for PROXY headers)."""
+        metadata = {
+            "tunnel": tunnel.tunnel_id,
+            "service": endpoint.service,
+            "peer": [getattr(addr, "host", ""), getattr(addr, "port", 0)],
+            "local": [getattr(local, "host", ""), getattr(local, "port", 0)],
+        }
+        if sni is not None:
+            metadata["sni"] = sni
+        stream_id = self.mux.open_stream(metadata)
         splice = SplicedConnection(self, stream_id)
         splice.tunnel = tunnel
         self.attach_splice(splice)

@@ -73,12 +73,15 @@ class SplicedConnection(Protocol):
         self._window_empty = False
         self._read_closed = False
         self._write_closed = False
+        self.preamble = b""  # written before any stream bytes (agent: a PROXY header)
 
     # -- local side (Twisted calls these) ------------------------------------
 
     def connectionMade(self):
         set_socket_options(self.transport, keepalive=True)
         self.transport.registerProducer(self, True)
+        if self.preamble:
+            self.transport.write(self.preamble)
         early, self._early = self._early, []
         for data in early:
             self.deliver(data)

@@ -10,9 +10,11 @@ common services, and never overlapping each other:
 """
 
 import resource
+import signal
 import sys
 
 from twisted.application import service, strports
+from twisted.application.internet import TimerService
 from twisted.internet.endpoints import quoteStringArgument
 from twisted.logger import Logger
 from twisted.python import usage
@@ -37,7 +39,11 @@ SETTINGS = {
     "state-dir": ("relay-state", str, "Folder for the CA, certificates, token hash and client.env."),
     "agent-port": (17000, int, "TLS port agents dial."),
     "agent-interface": (None, str, "Address the agent port binds (default: --interface)."),
-    "tls-port": (17443, int, "Port for encrypted tunnels (reserved until they exist)."),
+    "tls-port": (17443, int, "Shared TLS port of encrypted tunnels (443 in production); 0 disables them."),
+    "domain": ("tunnels.localhost", str, "Encrypted tunnels get https://<id>.<domain>."),
+    "cert": (None, str, "Certificate chain (PEM) for *.<domain>; default: issued by the dev CA."),
+    "key": (None, str, "Private key (PEM) of --cert."),
+    "cert-check-seconds": (30.0, float, "How often to look for a renewed --cert/--key (also on SIGHUP)."),
     "admin-port": (17080, int, "Admin HTTP port (GET /healthz, GET /v1/tunnels); 0 disables."),
     "admin-interface": ("127.0.0.1", str, "Address the admin port binds; keep it private."),
     "ports": ("20000-29999", str, "Range LO-HI of public ports for unencrypted tunnels."),
@@ -112,6 +118,13 @@ class Options(usage.Options):
         for name in ("agent-port", "tls-port", "admin-port"):
             if low <= self[name] <= high:
                 raise usage.UsageError(f"--{name} {self[name]} lies inside --ports {self['ports']}")
+        if bool(self["cert"]) != bool(self["key"]):
+            raise usage.UsageError("--cert and --key go together")
+        domain = (self["domain"] or "").strip(".").lower()
+        if self["tls-port"] and (not domain or "." not in domain):
+            # A wildcard needs two labels after "*." (OpenSSL refuses *.localhost).
+            raise usage.UsageError(f"--domain {self['domain']!r}: use at least two labels, e.g. tunnels.localhost")
+        self["domain"] = domain
         if self["keepalive-timeout"] <= self["keepalive-interval"]:
             raise usage.UsageError("--keepalive-timeout must exceed --keepalive-interval")
 
@@ -139,14 +152,25 @@ class RelayNode(service.MultiService):
         self.state = state
         self.registry = registry
 
+    tls_contexts = None
+
     def startService(self):
         super().startService()
+        if self.tls_contexts is not None:
+            from twisted.internet import reactor
+
+            # SIGHUP: pick up a renewed certificate now (a signal handler may
+            # not touch the reactor's state, so hop onto the reactor first).
+            signal.signal(
+                signal.SIGHUP, lambda *_: reactor.callFromThread(self.tls_contexts.reload)
+            )
         o = self.options
         self._log.info(
             "relay node up: agents on {agent_iface}:{agent_port}, tunnel ports {ports} on {iface}, "
-            "admin on http://{admin_iface}:{admin_port}",
+            "encrypted tunnels https://<id>.{domain}:{tls_port}, admin on http://{admin_iface}:{admin_port}",
             agent_iface=o["agent-interface"], agent_port=o["agent-port"], ports=o["ports"],
             iface=o["interface"], admin_iface=o["admin-interface"], admin_port=o["admin-port"],
+            domain=o["domain"], tls_port=o["tls-port"],
         )
         if self.state.client_env_path.exists():
             self._log.info(
@@ -189,6 +213,8 @@ def makeService(options) -> service.IService:
         allocator,
         interface=o["interface"],
         public_host=o["public-host"],
+        domain=o["domain"] if o["tls-port"] else None,
+        tls_port=o["tls-port"],
         grace_seconds=o["grace-seconds"],
     )
     node = RelayNode(o, state, registry)
@@ -209,6 +235,21 @@ def makeService(options) -> service.IService:
         f":extraCertChain={q(str(state.ca_cert_path))}"
     )
     strports.service(agent_endpoint, agent_factory).setServiceParent(node)
+
+    if o["tls-port"]:
+        from relay.tlsfront import TLSContexts, TLSFrontFactory
+
+        if o["cert"]:
+            cert_path, key_path = o["cert"], o["key"]
+        else:
+            cert_path = state.state_dir / "wildcard.pem"
+            key_path = state.state_dir / "wildcard-key.pem"
+            relay_state.issue_certificate(state, [f"*.{o['domain']}", o["domain"]], cert_path, key_path)
+        contexts = TLSContexts(cert_path, key_path)
+        node.tls_contexts = contexts
+        tls_endpoint = f"tcp:{o['tls-port']}:interface={q(o['interface'])}:backlog={LISTEN_BACKLOG}"
+        strports.service(tls_endpoint, TLSFrontFactory(registry, contexts, reactor)).setServiceParent(node)
+        TimerService(o["cert-check-seconds"], contexts.reload_if_changed).setServiceParent(node)
 
     if o["admin-port"]:
         from relay.admin import AdminAPI

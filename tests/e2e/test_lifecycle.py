@@ -380,16 +380,19 @@ def test_relay_help_lists_every_option(tmp_path):
     assert re.search(r"\[default: 60(\.0)?\]", grace_help), grace_help
 
 
-def test_forward_without_unencrypted_is_refused(tmp_path):
-    """`tunnel-client forward 8000` without --unencrypted exits non-zero and says to add --unencrypted."""
-    env = dict(os.environ, TUNNEL_RELAY="localhost:1", TUNNEL_TOKEN="t")
-    env.pop("TUNNEL_CA", None)
-    out = subprocess.run(
-        [TUNNEL_CLIENT, "forward", "8000"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=20
-    )
-    assert out.returncode != 0
-    assert "--unencrypted" in out.stderr and "error:" in out.stderr, out.stderr
-    assert out.stdout == ""
+def test_encrypted_tunnel_on_a_relay_without_tls_is_refused(tmp_path, echo, agents):
+    """On a relay started with --tls-port 0, `forward PORT` (encrypted by default) exits non-zero
+    with a clear error, never a silent plaintext tunnel."""
+    relay = RelayProcess(tmp_path / "relay")
+    relay.tls_port = 0
+    relay.start()
+    try:
+        agent = agents(relay, "forward", str(echo.port))
+        assert agent.wait(15) == 6
+        assert "no encrypted tunnels" in agent.stderr_text() and "error:" in agent.stderr_text()
+        assert agent.stdout.all == []
+    finally:
+        relay.stop()
 
 
 def test_config_file_sets_values_and_command_line_wins(tmp_path, echo, agents):

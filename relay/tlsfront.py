@@ -1,0 +1,213 @@
+"""The relay's shared TLS port: every encrypted tunnel, routed by SNI.
+
+Each visitor's ClientHello is read whole (across TCP segments and TLS
+records; bounded in size by relay.clienthello and in time here), then:
+
+- unknown or missing server name: a fatal `unrecognized_name` alert
+  (RFC 6066 section 3) and close, never a default tunnel;
+- passthrough: the bytes read so far and everything after are spliced raw to
+  the agent, so the visitor sees the origin's certificate;
+- terminate: TLS starts in-process on the bytes already read, with the
+  relay's certificate and the tunnel's own ALPN list and client CA (known
+  before the handshake, so no SNI callback is needed), and the plaintext is
+  spliced to the agent.
+
+`TLSContexts` holds the relay's certificate and picks up a renewed one
+without a restart (SIGHUP, or a changed file seen by a periodic check).
+"""
+
+import os
+import ssl
+
+from twisted.internet.interfaces import IHalfCloseableProtocol
+from twisted.internet.protocol import Protocol, ServerFactory
+from twisted.logger import Logger
+from zope.interface import implementer
+
+from relay.clienthello import ClientHelloError, ClientHelloReader
+from relay.link import set_socket_options
+from relay.tlslayer import TLSServerLayer
+
+# RFC 8446 6: alert record (21), TLS 1.2 record version, length 2, fatal (2),
+# unrecognized_name (112).
+UNRECOGNIZED_NAME_ALERT = bytes([21, 3, 3, 0, 2, 2, 112])
+# A visitor gets this long to send its whole ClientHello.
+CLIENT_HELLO_TIMEOUT_SECONDS = 10.0
+# Distinct (ALPN list, client CA) pairs kept built; tunnels share them.
+MAX_CACHED_CONTEXTS = 256
+
+
+class TLSContexts:
+    """Server contexts with the relay's certificate, one per (ALPN, client CA)."""
+
+    _log = Logger()
+
+    def __init__(self, cert_path: str, key_path: str):
+        self.cert_path, self.key_path = str(cert_path), str(key_path)
+        self._contexts: dict[tuple, ssl.SSLContext] = {}
+        self._stamp = None
+        self.reload()
+
+    def _files_stamp(self):
+        return tuple((os.stat(p).st_mtime_ns, os.stat(p).st_size) for p in (self.cert_path, self.key_path))
+
+    def _build(self, alpn: tuple[str, ...], client_ca: bytes | None) -> ssl.SSLContext:
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.minimum_version = ssl.TLSVersion.TLSv1_2
+        context.load_cert_chain(self.cert_path, self.key_path)
+        if alpn:
+            context.set_alpn_protocols(list(alpn))
+        if client_ca:
+            context.verify_mode = ssl.CERT_REQUIRED
+            context.load_verify_locations(cadata=client_ca.decode())
+        return context
+
+    def get(self, alpn: tuple[str, ...], client_ca: bytes | None) -> ssl.SSLContext:
+        key = (alpn, client_ca)
+        context = self._contexts.get(key)
+        if context is None:
+            if len(self._contexts) >= MAX_CACHED_CONTEXTS:
+                self._contexts.pop(next(iter(self._contexts)))
+            context = self._contexts[key] = self._build(alpn, client_ca)
+        return context
+
+    def reload(self) -> bool:
+        """Load the certificate again; keep the old one if the new one is bad."""
+        try:
+            stamp = self._files_stamp()
+            self._build((), None)  # proves the pair loads and matches
+        except (OSError, ssl.SSLError) as e:
+            if self._stamp is None:
+                raise
+            self._log.warn("keeping the old TLS certificate: {error}", error=e)
+            return False
+        changed = stamp != self._stamp
+        self._stamp = stamp
+        self._contexts.clear()
+        if changed:
+            self._log.info("TLS certificate loaded from {path}", path=self.cert_path)
+        return changed
+
+    def reload_if_changed(self) -> None:
+        try:
+            if self._files_stamp() != self._stamp:
+                self.reload()
+        except OSError as e:
+            self._log.warn("cannot check the TLS certificate: {error}", error=e)
+
+
+@implementer(IHalfCloseableProtocol)
+class SNIRouter(Protocol):
+    """Reads one ClientHello, then hands the connection to a splice or a TLS layer."""
+
+    _log = Logger()
+
+    def __init__(self, factory: "TLSFrontFactory"):
+        self.factory = factory
+        self.next = None  # the protocol we forward to once routed
+        self._reader = ClientHelloReader()
+        self._timer = None
+
+    def connectionMade(self):
+        set_socket_options(self.transport, keepalive=True)
+        self._timer = self.factory.clock.callLater(CLIENT_HELLO_TIMEOUT_SECONDS, self._too_slow)
+
+    def _too_slow(self):
+        self._timer = None
+        self.factory.hello_timeouts += 1
+        self.transport.abortConnection()
+
+    def _cancel_timer(self):
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+
+    def dataReceived(self, data: bytes):
+        if self.next is not None:
+            self.next.dataReceived(data)
+            return
+        try:
+            hello = self._reader.feed(data)
+        except ClientHelloError as e:
+            self._cancel_timer()
+            self.factory.bad_hellos += 1
+            self._log.debug("visitor {peer}: {error}", peer=self.transport.getPeer(), error=e)
+            self.transport.abortConnection()
+            return
+        if hello is not None:
+            self._cancel_timer()
+            self._route(hello)
+
+    def _route(self, hello):
+        registry = self.factory.registry
+        target = registry.route_hostname(hello.server_name) if hello.server_name else None
+        if target is None:
+            self.factory.unknown_names += 1
+            self.transport.write(UNRECOGNIZED_NAME_ALERT)
+            self.transport.loseConnection()
+            return
+        tunnel, endpoint = target
+        peer, local = self.transport.getPeer(), self.transport.getHost()
+        if endpoint.mode == "passthrough":
+            splice = registry.visitor_protocol(tunnel, endpoint, peer, local, hello.server_name)
+            if splice is None:
+                self.transport.abortConnection()
+                return
+            self.next = splice
+            splice.makeConnection(self.transport)
+            splice.dataReceived(hello.raw)
+            return
+        if not registry.admit(tunnel, peer):
+            self.transport.abortConnection()
+            return
+        context = self.factory.contexts.get(endpoint.alpn, tunnel.client_ca)
+
+        def open_stream():
+            # Only a completed handshake reaches the agent.
+            return registry.visitor_protocol(tunnel, endpoint, peer, local, hello.server_name)
+
+        layer = TLSServerLayer(
+            context, open_stream, self.factory.clock,
+            on_handshake_failed=self.factory.handshake_failed,
+        )
+        self.next = layer
+        layer.makeConnection(self.transport)
+        layer.dataReceived(hello.raw)
+
+    def readConnectionLost(self):
+        if self.next is None:
+            self.transport.abortConnection()
+        elif IHalfCloseableProtocol.providedBy(self.next):
+            self.next.readConnectionLost()
+        else:
+            self.transport.loseConnection()
+
+    def writeConnectionLost(self):
+        if self.next is not None and IHalfCloseableProtocol.providedBy(self.next):
+            self.next.writeConnectionLost()
+
+    def connectionLost(self, reason):
+        self._cancel_timer()
+        if self.next is not None:
+            self.next.connectionLost(reason)
+
+
+class TLSFrontFactory(ServerFactory):
+    noisy = False
+    _log = Logger()
+
+    def __init__(self, registry, contexts: TLSContexts, clock):
+        self.registry = registry
+        self.contexts = contexts
+        self.clock = clock
+        self.unknown_names = 0
+        self.bad_hellos = 0
+        self.hello_timeouts = 0
+        self.failed_handshakes = 0
+
+    def buildProtocol(self, addr):
+        return SNIRouter(self)
+
+    def handshake_failed(self, reason: str) -> None:
+        self.failed_handshakes += 1
+        self._log.debug("visitor TLS handshake failed: {reason}", reason=reason)
