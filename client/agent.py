@@ -25,6 +25,7 @@ from client.errors import (
     RelayUnreachableError,
     RelayVerificationError,
     TunnelError,
+    TunnelLostError,
     request_error,
 )
 from client.config import ServiceSpec, TunnelSpec, parse_host_port
@@ -74,13 +75,21 @@ class Endpoint:
 
 
 class Tunnel:
-    """A tunnel the relay granted: its public addresses, and what they reach."""
+    """A tunnel the relay granted: its public addresses, and what they reach.
 
-    def __init__(self, spec: TunnelSpec):
+    `status` is "opening", "live", "reconnecting" (the link dropped; the
+    relay holds the addresses for its grace period) or "closed".
+    """
+
+    def __init__(self, spec: TunnelSpec, *, keep_address: bool = False):
         self.spec = spec
+        self.keep_address = keep_address  # never accept a different address on reconnect
         self.tunnel_id: str | None = None
         self.endpoints: list[Endpoint] = []
         self.reclaim_secret: str | None = None
+        self.status = "opening"
+        self.error: Exception | None = None  # why it closed, if not by request
+        self.opened = defer.Deferred()  # fires with self at the first grant
 
     @property
     def url(self) -> str | None:
@@ -89,6 +98,25 @@ class Tunnel:
     @property
     def urls(self) -> tuple[str, ...]:
         return tuple(e.url for e in self.endpoints)
+
+    @property
+    def tls_socket(self) -> tuple[str, int] | None:
+        """(hostname, port) of the first TLS endpoint, as in modal.forward."""
+        return next((e.tls_socket for e in self.endpoints if e.kind == "tls"), None)
+
+    @property
+    def tcp_socket(self) -> tuple[str, int] | None:
+        """(relay host, port) of the first TCP endpoint."""
+        return next((e.tcp_socket for e in self.endpoints if e.kind == "tcp"), None)
+
+    @property
+    def hostname(self) -> str | None:
+        return next((e.hostname for e in self.endpoints if e.kind == "tls"), None)
+
+    @property
+    def services(self) -> dict[str, Endpoint]:
+        """Each named service's endpoint (url, tls_socket or tcp_socket)."""
+        return {e.service.name: e for e in self.endpoints}
 
     def service(self, name: str) -> ServiceSpec | None:
         for service in self.spec.services:
@@ -197,9 +225,12 @@ class _AgentLinkFactory(Factory):
 class TunnelAgent:
     """Keeps one link to a relay and the tunnels asked for over it.
 
-    `on_tunnel(tunnel, event)` is called with event "open" when a tunnel is
-    first granted, "moved" when a reconnect got a different address (the old
-    one expired), and "reconnected" when the same address came back.
+    Tunnels come from `specs` at start or from `open_tunnel()` at any time
+    (the Python API shares one agent, so one link, per relay and token).
+    `on_tunnel(tunnel, event)` is called with "open" when a tunnel is first
+    granted, "reconnected" when a reconnect got the same addresses back,
+    "moved" when it got new ones (the old ones expired), and "lost" when a
+    `keep_address` tunnel could not get its addresses back.
     `done` fires when the agent stops, or errs with a TunnelError.
     """
 
@@ -214,6 +245,7 @@ class TunnelAgent:
         ca_path: str | None = None,
         specs: list[TunnelSpec] = (),
         on_tunnel=None,
+        fail_on_refusal: bool = True,
         max_retries: int | None = None,
         keepalive_interval_seconds: float = DEFAULT_KEEPALIVE_INTERVAL_SECONDS,
         keepalive_timeout_seconds: float = DEFAULT_KEEPALIVE_TIMEOUT_SECONDS,
@@ -227,6 +259,7 @@ class TunnelAgent:
         self.tunnels = [Tunnel(spec) for spec in specs]
         self.tunnels_by_id: dict[str, Tunnel] = {}
         self.on_tunnel = on_tunnel or (lambda tunnel, event: None)
+        self.fail_on_refusal = fail_on_refusal
         self.max_retries = max_retries
         self.keepalive_interval_seconds = keepalive_interval_seconds
         self.keepalive_timeout_seconds = keepalive_timeout_seconds
@@ -234,11 +267,40 @@ class TunnelAgent:
         self.done = defer.Deferred()
         self._ever_ready = False
         self._stopping = False
-        self._pending: dict[int, Tunnel] = {}
+        # request id -> the tunnel being opened, or the Deferred of a close
+        self._pending: dict[int, Tunnel | defer.Deferred] = {}
         self._next_request_id = 1
         self._service: ClientService | None = None
         self._link_gone: defer.Deferred | None = None
         self._resolved: dict[ServiceSpec, object] = {}
+
+    @property
+    def stopped(self) -> bool:
+        return self._stopping or self.done.called
+
+    def add_tunnel(self, spec: TunnelSpec, *, keep_address: bool = False) -> Tunnel:
+        """Ask for one more tunnel on this agent's link; `tunnel.opened` fires
+        with it once granted, or errs with a TunnelError."""
+        tunnel = Tunnel(spec, keep_address=keep_address)
+        self.tunnels.append(tunnel)
+        if self.link is not None and self.link.ready and not self.link.closed:
+            self._request_tunnel(self.link, tunnel)
+        return tunnel
+
+    def close_tunnel(self, tunnel: Tunnel) -> defer.Deferred:
+        """End a tunnel: the relay closes its visitors and frees its addresses."""
+        if tunnel in self.tunnels:
+            self.tunnels.remove(tunnel)
+        if tunnel.tunnel_id is not None and self.tunnels_by_id.get(tunnel.tunnel_id) is tunnel:
+            del self.tunnels_by_id[tunnel.tunnel_id]
+        was_open = tunnel.status in ("live", "reconnecting", "opening")
+        tunnel.status = "closed"
+        link = self.link
+        if not was_open or tunnel.tunnel_id is None or link is None or not link.ready or link.closed:
+            return defer.succeed(None)  # nothing granted, or the relay frees it when grace ends
+        done = defer.Deferred()
+        self._send(link, {"op": "close_tunnel", "tunnel": tunnel.tunnel_id}, done)
+        return done
 
     # -- services ---------------------------------------------------------------------
 
@@ -278,7 +340,7 @@ class TunnelAgent:
         tcp = HostnameEndpoint(
             self.reactor, self.relay_host, self.relay_port, timeout=RELAY_CONNECT_TIMEOUT_SECONDS
         )
-        return wrapClientTLS(tls, tcp)
+        return wrapClientTLS(tls, tcp, clock=self.reactor)  # no global reactor: the API runs its own
 
     def _retry_delay(self, failed_attempts: int) -> float:
         if self.max_retries is not None and failed_attempts > self.max_retries:
@@ -325,6 +387,12 @@ class TunnelAgent:
             self._service.stopService().addErrback(lambda f: None)
         if self.link is not None:
             self.link.close_link(ErrorCode.NO_ERROR, "agent stopping")
+        for tunnel in self.tunnels:
+            tunnel.status = "closed"
+            tunnel.error = error
+            if not tunnel.opened.called:
+                tunnel.opened.errback(error)
+                tunnel.opened.addErrback(lambda f: None)  # the caller may have gone
         self.done.errback(error)
 
     def _finish(self, result) -> None:
@@ -347,7 +415,13 @@ class TunnelAgent:
             self.link = None
         if self._link_gone is not None and not self._link_gone.called:
             self._link_gone.callback(None)
-        self._pending.clear()
+        pending, self._pending = self._pending, {}
+        for waiter in pending.values():
+            if isinstance(waiter, defer.Deferred) and not waiter.called:
+                waiter.callback(None)  # a close with the link gone: the relay frees it after grace
+        for tunnel in self.tunnels:
+            if tunnel.status == "live":
+                tunnel.status = "reconnecting"
         if self._stopping or not link.ready:
             return
         if self.max_retries == 0:
@@ -367,38 +441,66 @@ class TunnelAgent:
 
     # -- control ---------------------------------------------------------------------------
 
-    def _request_tunnel(self, link: AgentLink, tunnel: Tunnel) -> None:
+    def _send(self, link: AgentLink, request: dict, waiter) -> None:
         request_id = self._next_request_id
         self._next_request_id += 1
-        request = dict(tunnel.spec.wire(), id=request_id, op="open_tunnel")
-        if tunnel.reclaim_secret is not None:
-            request["reclaim"] = {"tunnel": tunnel.tunnel_id, "secret": tunnel.reclaim_secret}
-        self._pending[request_id] = tunnel
-        link.mux.send_control(request)
+        self._pending[request_id] = waiter
+        link.mux.send_control(dict(request, id=request_id))
         link.flush()
 
+    def _request_tunnel(self, link: AgentLink, tunnel: Tunnel) -> None:
+        request = dict(tunnel.spec.wire(), op="open_tunnel")
+        if tunnel.reclaim_secret is not None:
+            request["reclaim"] = {"tunnel": tunnel.tunnel_id, "secret": tunnel.reclaim_secret}
+        self._send(link, request, tunnel)
+
     def control_reply(self, message: dict) -> None:
-        tunnel = self._pending.pop(message.get("id"), None)
-        if tunnel is None:
+        waiter = self._pending.pop(message.get("id"), None)
+        if isinstance(waiter, defer.Deferred):  # a close_tunnel reply
+            if not waiter.called:
+                waiter.callback(None)
+            return
+        tunnel = waiter
+        if tunnel is None or tunnel not in self.tunnels:
+            if tunnel is not None and message.get("ok") and self.link is not None:
+                # Closed by our user while the request was in flight: give it back.
+                tunnel_id = (message.get("tunnel") or {}).get("id")
+                if tunnel_id:
+                    self._send(self.link, {"op": "close_tunnel", "tunnel": tunnel_id}, defer.Deferred())
             return
         if not message.get("ok"):
             error = message.get("error") or {}
             targets = ", ".join(s.target for s in tunnel.spec.services)
-            self.fail(request_error(
+            self._refused(tunnel, request_error(
                 str(error.get("code", "error")),
                 f"the relay refused a tunnel to {targets}: {error.get('message', 'no reason given')}",
             ))
             return
         granted = message.get("tunnel") or {}
         old_urls = tunnel.urls
+        by_name = {e.get("service", ""): e for e in granted.get("endpoints") or []}
+        new_endpoints = [Endpoint(s, by_name.get(s.name, {})) for s in tunnel.spec.services]
+        new_urls = tuple(e.url for e in new_endpoints)
+        if old_urls and new_urls != old_urls and tunnel.keep_address:
+            # Never a silently different address: give the new one back, end this one.
+            self._send(self.link, {"op": "close_tunnel", "tunnel": granted.get("id")}, defer.Deferred())
+            self.tunnels.remove(tunnel)
+            self.tunnels_by_id.pop(tunnel.tunnel_id, None)
+            tunnel.status = "closed"
+            tunnel.error = TunnelLostError(
+                f"{' '.join(old_urls)} expired while the link to the relay was down"
+            )
+            self._log.warn("{error}", error=tunnel.error)
+            self.on_tunnel(tunnel, "lost")
+            return
         if tunnel.tunnel_id is not None:
             self.tunnels_by_id.pop(tunnel.tunnel_id, None)
         tunnel.tunnel_id = granted.get("id")
-        by_name = {e.get("service", ""): e for e in granted.get("endpoints") or []}
-        tunnel.endpoints = [Endpoint(s, by_name.get(s.name, {})) for s in tunnel.spec.services]
+        tunnel.endpoints = new_endpoints
         if message.get("reclaim_secret"):
             tunnel.reclaim_secret = message["reclaim_secret"]
         self.tunnels_by_id[tunnel.tunnel_id] = tunnel
+        tunnel.status = "live"
         if not old_urls:
             event = "open"
             for endpoint in tunnel.endpoints:
@@ -415,3 +517,15 @@ class TunnelAgent:
                 old=" ".join(old_urls), urls=" ".join(tunnel.urls),
             )
         self.on_tunnel(tunnel, event)
+        if not tunnel.opened.called:
+            tunnel.opened.callback(tunnel)
+
+    def _refused(self, tunnel: Tunnel, error: TunnelError) -> None:
+        if self.fail_on_refusal:
+            self.fail(error)
+            return
+        self.tunnels.remove(tunnel)
+        tunnel.status = "closed"
+        tunnel.error = error
+        if not tunnel.opened.called:
+            tunnel.opened.errback(error)

@@ -7,7 +7,7 @@ No Twisted here: the CLI parses and validates before it loads the reactor.
 import re
 import sys
 
-from client.errors import ConfigurationError
+from client.errors import BadServiceNameError, ConfigurationError
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -107,11 +107,12 @@ class TunnelSpec:
 
 def check_service_name(name: str, *, port_addressed: bool = False) -> str:
     if not isinstance(name, str) or not SERVICE_NAME.fullmatch(name):
-        raise ConfigurationError(
-            f"bad service name {name!r}: use 1 to 20 characters of a-z and 0-9"
+        raise BadServiceNameError(
+            "bad_service_name", f"bad service name {name!r}: use 1 to 20 characters of a-z and 0-9"
         )
     if name.isdigit() and not port_addressed:
-        raise ConfigurationError(
+        raise BadServiceNameError(
+            "bad_service_name",
             f"bad service name {name!r}: all-digit names are port names (use `tunnel-client expose --ports`)"
         )
     return name

@@ -35,6 +35,12 @@ class RelayUnreachableError(TunnelError):
     exit_code = 5
 
 
+class TunnelLostError(TunnelError):
+    """A tunnel's address expired while the link was down; it is closed."""
+
+    exit_code = 7
+
+
 class TunnelRequestError(TunnelError):
     """The relay refused a tunnel request; `code` is the relay's reason."""
 
@@ -49,7 +55,13 @@ class NoPortsAvailableError(TunnelRequestError):
     """The relay's port range is used up (or in quarantine)."""
 
 
-REQUEST_ERRORS = {"no_free_port": NoPortsAvailableError}
+class BadServiceNameError(TunnelRequestError, ConfigurationError):
+    """A service name the relay (or the client, before asking) refuses."""
+
+    exit_code = 2
+
+
+REQUEST_ERRORS = {"no_free_port": NoPortsAvailableError, "bad_service_name": BadServiceNameError}
 
 
 def request_error(code: str, message: str) -> TunnelRequestError:
