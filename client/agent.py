@@ -9,14 +9,14 @@ a local connection per stream the relay opens.
 No global reactor here: callers pass one (client/cli.py, the Python API).
 """
 
+import ipaddress
 import random
+import ssl
 
-from OpenSSL import SSL
 from twisted.application.internet import ClientService
 from twisted.internet import defer
-from twisted.internet.endpoints import HostnameEndpoint, TCP4ClientEndpoint, TCP6ClientEndpoint, wrapClientTLS
+from twisted.internet.endpoints import HostnameEndpoint, TCP4ClientEndpoint, TCP6ClientEndpoint
 from twisted.internet.protocol import Factory
-from twisted.internet.ssl import Certificate, optionsForClientTLS, platformTrust
 from twisted.logger import Logger
 
 from client.errors import (
@@ -32,6 +32,7 @@ from client.config import ServiceSpec, TunnelSpec, parse_host_port
 from client.proxyheader import proxy_header
 from relay.link import DEFAULT_KEEPALIVE_INTERVAL_SECONDS, DEFAULT_KEEPALIVE_TIMEOUT_SECONDS, MuxLink, SplicedConnection
 from relay.mux import ErrorCode, MuxConnection, Role
+from relay.tlslayer import TLSLayerFactory
 
 AGENT_NAME = "tunnel-client/0.1"
 SERVICE_CONNECT_TIMEOUT_SECONDS = 10.0
@@ -194,8 +195,6 @@ class AgentLink(MuxLink):
             self._log.warn("relay closed the link: {code} {message}", code=getattr(code, "name", code), message=message)
 
     def on_link_lost(self, reason):
-        if not self.ready and reason.check(SSL.Error):
-            self.agent.tls_failed(reason)
         self.agent.link_lost(self)
 
 
@@ -327,20 +326,46 @@ class TunnelAgent:
 
     # -- lifecycle ------------------------------------------------------------------
 
-    def _endpoint(self):
-        if self.ca_path:
-            try:
-                with open(self.ca_path, "rb") as f:
-                    trust_root = Certificate.loadPEM(f.read())
-            except (OSError, ValueError, SSL.Error) as e:
-                raise ConfigurationError(f"cannot read the CA file {self.ca_path}: {e}") from None
+    def _client_context(self) -> ssl.SSLContext:
+        try:
+            context = ssl.create_default_context(cafile=self.ca_path)  # system store if None
+        except (OSError, ssl.SSLError) as e:
+            raise ConfigurationError(f"cannot read the CA file {self.ca_path}: {e}") from None
+        context.check_hostname = False  # service_identity checks the name: _verify_relay
+        context.verify_mode = ssl.CERT_REQUIRED
+        return context
+
+    def _verify_relay(self, der: bytes | None) -> None:
+        """The relay's certificate must name the host we dialled (RFC 6125, service-identity)."""
+        from cryptography import x509
+        from service_identity.cryptography import (
+            verify_certificate_hostname,
+            verify_certificate_ip_address,
+        )
+
+        if not der:
+            raise ValueError("the relay presented no certificate")
+        certificate = x509.load_der_x509_certificate(der)
+        try:
+            ipaddress.ip_address(self.relay_host)
+        except ValueError:
+            verify_certificate_hostname(certificate, self.relay_host)
         else:
-            trust_root = platformTrust()
-        tls = optionsForClientTLS(self.relay_host, trustRoot=trust_root)
+            verify_certificate_ip_address(certificate, self.relay_host)
+
+    def _endpoint_and_factory(self):
         tcp = HostnameEndpoint(
             self.reactor, self.relay_host, self.relay_port, timeout=RELAY_CONNECT_TIMEOUT_SECONDS
         )
-        return wrapClientTLS(tls, tcp, clock=self.reactor)  # no global reactor: the API runs its own
+        # The agent link's TLS is our stdlib-ssl layer: one C call per frame
+        # (relay/tlslayer.py), and no global reactor behind our back.
+        factory = TLSLayerFactory(
+            self._client_context(), _AgentLinkFactory(self), self.reactor,
+            server_side=False, server_hostname=self.relay_host, verify=self._verify_relay,
+            on_handshake_failed=self.tls_failed,
+            handshake_timeout_seconds=RELAY_CONNECT_TIMEOUT_SECONDS,
+        )
+        return tcp, factory
 
     def _retry_delay(self, failed_attempts: int) -> float:
         if self.max_retries is not None and failed_attempts > self.max_retries:
@@ -357,9 +382,8 @@ class TunnelAgent:
         return delay * (0.5 + random.random() / 2)
 
     def start(self) -> None:
-        self._service = ClientService(
-            self._endpoint(), _AgentLinkFactory(self), retryPolicy=self._retry_delay, clock=self.reactor
-        )
+        endpoint, factory = self._endpoint_and_factory()
+        self._service = ClientService(endpoint, factory, retryPolicy=self._retry_delay, clock=self.reactor)
         self._service.startService()
 
     def stop(self) -> defer.Deferred:
@@ -429,9 +453,10 @@ class TunnelAgent:
             return
         self._log.warn("lost the link to the relay; reconnecting")
 
-    def tls_failed(self, reason) -> None:
-        message = f"TLS with the relay {self.relay_host}:{self.relay_port} failed: {reason.getErrorMessage()}"
-        if not self._ever_ready:
+    def tls_failed(self, reason: str) -> None:
+        message = f"TLS with the relay {self.relay_host}:{self.relay_port} failed: {reason}"
+        lowered = reason.lower()
+        if not self._ever_ready and ("certificate" in lowered or "verif" in lowered or "hostname" in lowered):
             # Before any session succeeded this is a set-up problem, not a network blip.
             self.fail(RelayVerificationError(
                 message + " (is TUNNEL_CA / --ca the relay's CA, and TUNNEL_RELAY the name in its certificate?)"

@@ -188,6 +188,8 @@ class RelayLink(MuxLink):
 class AgentLinkFactory(ServerFactory):
     """Builds a RelayLink for each TLS connection on the agent port."""
 
+    _log = Logger()
+
     noisy = False  # one log line per tunnel/link is ours to write
 
     def __init__(
@@ -209,3 +211,7 @@ class AgentLinkFactory(ServerFactory):
 
     def buildProtocol(self, addr):
         return RelayLink(self)
+
+    def tls_handshake_failed(self, reason: str) -> None:
+        """A connection on the agent port that never became a TLS session."""
+        self._log.warn("agent connection dropped before its handshake: {reason}", reason=reason)

@@ -14,10 +14,15 @@ records; bounded in size by relay.clienthello and in time here), then:
 
 `TLSContexts` holds the relay's certificate and picks up a renewed one
 without a restart (SIGHUP, or a changed file seen by a periodic check).
+Contexts are built lazily, one per (ALPN, client CA), always from the bytes
+the last successful reload read and checked, never from the files as they are
+now: between a renewal's two writes, or after a bad one, the files on disk do
+not match, and a new tunnel must still get the last good certificate.
 """
 
 import os
 import ssl
+import tempfile
 
 from twisted.internet.interfaces import IHalfCloseableProtocol
 from twisted.internet.protocol import Protocol, ServerFactory
@@ -26,7 +31,7 @@ from zope.interface import implementer
 
 from relay.clienthello import ClientHelloError, ClientHelloReader
 from relay.link import set_socket_options
-from relay.tlslayer import TLSServerLayer
+from relay.tlslayer import TLSLayer
 
 # RFC 8446 6: alert record (21), TLS 1.2 record version, length 2, fatal (2),
 # unrecognized_name (112).
@@ -46,15 +51,16 @@ class TLSContexts:
         self.cert_path, self.key_path = str(cert_path), str(key_path)
         self._contexts: dict[tuple, ssl.SSLContext] = {}
         self._stamp = None
+        self._pem: tuple[bytes, bytes] | None = None  # (chain, key) of the last good reload
         self.reload()
 
     def _files_stamp(self):
         return tuple((os.stat(p).st_mtime_ns, os.stat(p).st_size) for p in (self.cert_path, self.key_path))
 
-    def _build(self, alpn: tuple[str, ...], client_ca: bytes | None) -> ssl.SSLContext:
+    def _build(self, alpn: tuple[str, ...], client_ca: bytes | None, pem=None) -> ssl.SSLContext:
         context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         context.minimum_version = ssl.TLSVersion.TLSv1_2
-        context.load_cert_chain(self.cert_path, self.key_path)
+        _load_cert_chain_bytes(context, *(pem or self._pem))
         if alpn:
             context.set_alpn_protocols(list(alpn))
         if client_ca:
@@ -75,7 +81,11 @@ class TLSContexts:
         """Load the certificate again; keep the old one if the new one is bad."""
         try:
             stamp = self._files_stamp()
-            self._build((), None)  # proves the pair loads and matches
+            with open(self.cert_path, "rb") as f:
+                chain = f.read()
+            with open(self.key_path, "rb") as f:
+                key = f.read()
+            self._build((), None, (chain, key))  # proves the pair loads and matches
         except (OSError, ssl.SSLError) as e:
             if self._stamp is None:
                 raise
@@ -83,6 +93,7 @@ class TLSContexts:
             return False
         changed = stamp != self._stamp
         self._stamp = stamp
+        self._pem = (chain, key)
         self._contexts.clear()
         if changed:
             self._log.info("TLS certificate loaded from {path}", path=self.cert_path)
@@ -94,6 +105,32 @@ class TLSContexts:
                 self.reload()
         except OSError as e:
             self._log.warn("cannot check the TLS certificate: {error}", error=e)
+
+
+def _load_cert_chain_bytes(context: ssl.SSLContext, chain: bytes, key: bytes) -> None:
+    """`load_cert_chain` from bytes: stdlib ssl reads only files, so hand it
+    private ones that exist just for the call (unnamed memfds where Linux has
+    them, else a 0700 temporary folder)."""
+    if hasattr(os, "memfd_create"):
+        fds = [os.memfd_create("tls-chain"), os.memfd_create("tls-key")]
+        try:
+            for fd, data in zip(fds, (chain, key)):
+                with open(fd, "wb", closefd=False) as f:
+                    f.write(data)
+            context.load_cert_chain(f"/proc/self/fd/{fds[0]}", f"/proc/self/fd/{fds[1]}")
+            return
+        except FileNotFoundError:
+            pass  # no /proc: fall back to a folder
+        finally:
+            for fd in fds:
+                os.close(fd)
+    with tempfile.TemporaryDirectory() as folder:  # mkdtemp: mode 0700
+        paths = [os.path.join(folder, "chain.pem"), os.path.join(folder, "key.pem")]
+        for path, data in zip(paths, (chain, key)):
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with open(fd, "wb") as f:
+                f.write(data)
+        context.load_cert_chain(*paths)
 
 
 @implementer(IHalfCloseableProtocol)
@@ -166,7 +203,7 @@ class SNIRouter(Protocol):
             # Only a completed handshake reaches the agent.
             return registry.visitor_protocol(tunnel, endpoint, peer, local, hello.server_name)
 
-        layer = TLSServerLayer(
+        layer = TLSLayer(
             context, open_stream, self.factory.clock,
             on_handshake_failed=self.factory.handshake_failed,
         )

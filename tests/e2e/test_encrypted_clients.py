@@ -26,9 +26,18 @@ import threading
 import time
 from concurrent import futures
 
+import grpc
+import h2.config
+import h2.connection
+import h2.events
+import httpx
 import pytest
+from websockets.sync.client import connect as websocket_connect
+from websockets.sync.server import serve as websocket_serve
 
 from tests.e2e.harness import wait_for
+
+pytestmark = pytest.mark.timeout(60)
 
 MiB = 1024 * 1024
 KiB = 1024
@@ -37,6 +46,10 @@ H2_CONCURRENT_REQUESTS = 10
 # Each HTTP/2 response outgrows the 64 KiB initial windows, so WINDOW_UPDATEs
 # must cross the tunnel for it to finish.
 H2_RESPONSE_BYTES = 256 * KiB
+# The upload service reads this much, then naps: slower than loopback, so the
+# relay must pause reading the visitor and resume it (TLS records buffered).
+UPLOAD_READ_BYTES = 64 * KiB
+UPLOAD_NAP_SECONDS = 0.005
 SSE_INTERVAL_SECONDS = 0.1
 SSE_EVENTS_SENT = 30
 SSE_EVENTS_READ = 12
@@ -86,7 +99,8 @@ def httpx_request_args(hostname: str, port: int) -> dict:
 
 
 class HTTPService(http.server.SimpleHTTPRequestHandler):
-    """HTTP/1.1: files from a folder, POST /upload -> length and sha256, GET /events (SSE)."""
+    """HTTP/1.1: files from a folder, POST /upload -> length and sha256 (read
+    slowly), GET /events (SSE)."""
 
     protocol_version = "HTTP/1.1"
     sse_sent: list  # (event number, monotonic time written), set per server
@@ -102,12 +116,13 @@ class HTTPService(http.server.SimpleHTTPRequestHandler):
         h = hashlib.sha256()
         total = 0
         while remaining:
-            chunk = self.rfile.read(min(remaining, 256 * KiB))
+            chunk = self.rfile.read(min(remaining, UPLOAD_READ_BYTES))
             if not chunk:
                 break
             h.update(chunk)
             total += len(chunk)
             remaining -= len(chunk)
+            time.sleep(UPLOAD_NAP_SECONDS)
         body = json.dumps({"bytes": total, "sha256": h.hexdigest()}).encode()
         self.send_response(200)
         self.send_header("Content-Type", "application/json")
@@ -163,11 +178,6 @@ class H2CServer:
     """
 
     def __init__(self, hold_for: int):
-        import h2.config
-        import h2.connection
-        import h2.events
-
-        self._h2 = h2
         self.hold_for = hold_for
         self.sock = socket.create_server(("127.0.0.1", 0))
         self.port = self.sock.getsockname()[1]
@@ -191,7 +201,6 @@ class H2CServer:
             threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
 
     def _serve(self, conn: socket.socket):
-        h2 = self._h2
         config = h2.config.H2Configuration(client_side=False, header_encoding="utf-8")
         h = h2.connection.H2Connection(config=config)
         h.initiate_connection()
@@ -324,7 +333,7 @@ def tls_read_to_end(tls: ssl.SSLSocket, timeout: float) -> bytes:
 
 @pytest.mark.skipif(not shutil.which("curl"), reason="needs curl")
 def test_curl_download_and_upload(relay, agents, http_service, tmp_path, record_property):
-    """curl with the dev CA downloads 8 MiB and uploads 4 MiB through an encrypted tunnel byte for byte."""
+    """curl with the dev CA downloads 8 MiB and uploads 8 MiB (to a slow reader) through an encrypted tunnel byte for byte."""
     blob = random.Random(1).randbytes(8 * MiB)
     (http_service.folder / "blob.bin").write_bytes(blob)
     hostname, port = open_encrypted(relay, agents, http_service.server_address[1])
@@ -347,7 +356,7 @@ def test_curl_download_and_upload(relay, agents, http_service, tmp_path, record_
     record_property("download_MB_per_s", round(float(speed) / 1e6, 1))
     print(f"curl download through the TLS tunnel: {float(speed) / 1e6:.1f} MB/s")
 
-    upload = random.Random(2).randbytes(4 * MiB)
+    upload = random.Random(2).randbytes(8 * MiB)
     (tmp_path / "upload.bin").write_bytes(upload)
     done = subprocess.run(
         [*curl, "--data-binary", f"@{tmp_path / 'upload.bin'}", "-H", "Content-Type: application/octet-stream",
@@ -360,8 +369,6 @@ def test_curl_download_and_upload(relay, agents, http_service, tmp_path, record_
 
 def test_httpx_http2_concurrent_requests(relay, agents):
     """With --alpn h2, httpx negotiates HTTP/2 and multiplexes concurrent requests over one tunnel stream to an h2c service."""
-    import httpx
-
     server = H2CServer(hold_for=H2_CONCURRENT_REQUESTS)
     try:
         hostname, port = open_encrypted(relay, agents, server.port, "--alpn", "h2")
@@ -393,8 +400,6 @@ def test_httpx_http2_concurrent_requests(relay, agents):
 
 def test_grpc_unary_streaming_and_status(relay, agents):
     """gRPC over --alpn h2: a 1 MiB unary call, 100 streamed messages and an error status pass intact."""
-    import grpc
-
     def unary(request, context):
         return hashlib.sha256(request).digest() + request[::-1]
 
@@ -416,10 +421,9 @@ def test_grpc_unary_streaming_and_status(relay, agents):
     channel = None
     try:
         hostname, port = open_encrypted(relay, agents, service_port, "--alpn", "h2")
-        credentials = grpc.ssl_channel_credentials(root_certificates=open(ca_path(relay), "rb").read())
+        credentials = grpc.ssl_channel_credentials(root_certificates=(relay.state_dir / "ca.pem").read_bytes())
         channel = grpc.secure_channel(f"127.0.0.1:{port}", credentials, options=[
             ("grpc.ssl_target_name_override", hostname),
-            ("grpc.default_authority", hostname),
             ("grpc.enable_http_proxy", 0),
             ("grpc.max_receive_message_length", 8 * MiB),
             ("grpc.max_send_message_length", 8 * MiB),
@@ -445,20 +449,17 @@ def test_grpc_unary_streaming_and_status(relay, agents):
 
 def test_websocket_echo_frames(relay, agents):
     """A WebSocket echo through a default (http/1.1) encrypted tunnel returns text and binary frames of 1 B to 1 MiB exactly."""
-    from websockets.sync.client import connect
-    from websockets.sync.server import serve
-
     def echo(ws):
         for message in ws:
             ws.send(message)
 
-    server = serve(echo, "127.0.0.1", 0, max_size=None, compression=None)
+    server = websocket_serve(echo, "127.0.0.1", 0, max_size=None, compression=None)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
         hostname, port = open_encrypted(relay, agents, server.socket.getsockname()[1])
         rng = random.Random(4)
         sock = socket.create_connection(("127.0.0.1", port), timeout=10)
-        with connect(
+        with websocket_connect(
             f"wss://{hostname}:{port}/echo", sock=sock, ssl=client_context(relay), server_hostname=hostname,
             max_size=None, compression=None, proxy=None, open_timeout=10, close_timeout=5,
         ) as ws:
@@ -475,8 +476,6 @@ def test_websocket_echo_frames(relay, agents):
 
 def test_server_sent_events_stream_unbuffered(relay, agents, http_service):
     """Server-Sent Events arrive in order, each soon after the service wrote it: the relay does not buffer."""
-    import httpx
-
     hostname, port = open_encrypted(relay, agents, http_service.server_address[1])
     arrivals = []  # (data, monotonic time)
     with httpx.Client(verify=client_context(relay), trust_env=False, timeout=5) as client:

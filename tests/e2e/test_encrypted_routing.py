@@ -342,12 +342,26 @@ def _finish_handshake(sock, tls, incoming, outgoing) -> None:
         except ssl.SSLWantReadError:
             if outgoing.pending:
                 sock.sendall(outgoing.read())
-            data = sock.recv(65536)
+            try:
+                data = sock.recv(65536)
+            except ConnectionResetError:
+                data = b""
             if not data:
                 raise AssertionError("the relay closed during the handshake") from None
             incoming.write(data)
     if outgoing.pending:
         sock.sendall(outgoing.read())
+
+
+def _fragment_records(hello: bytes, fragment_bytes: int) -> bytes:
+    """The same ClientHello re-framed into TLS records of at most fragment_bytes each (RFC 8446 5.1)."""
+    content_type, version, length = hello[0], hello[1:3], int.from_bytes(hello[3:5], "big")
+    assert content_type == 22 and len(hello) == 5 + length, "expected one handshake record"
+    body = hello[5:]
+    return b"".join(
+        bytes([22]) + version + len(chunk).to_bytes(2, "big") + chunk
+        for chunk in (body[i : i + fragment_bytes] for i in range(0, len(body), fragment_bytes))
+    )
 
 
 def _bio_echo(sock, tls, incoming, outgoing, payload: bytes) -> bytes:
@@ -368,7 +382,7 @@ def _bio_echo(sock, tls, incoming, outgoing, payload: bytes) -> bytes:
 
 
 def test_client_hello_one_byte_at_a_time_is_routed_and_stalled_hello_dropped(relay, echo, agents):
-    """A ClientHello split into one-byte segments is still routed, while one that never completes is dropped at the 10 s hello deadline."""
+    """A ClientHello split into one-byte TCP segments or into many TLS records is still routed, while one that never completes is dropped at the 10 s hello deadline."""
     stalled = connect(relay.tls_port)
     stalled_at = time.monotonic()
     # A record header announcing 512 bytes, and one of them.
@@ -384,6 +398,15 @@ def test_client_hello_one_byte_at_a_time_is_routed_and_stalled_hello_dropped(rel
             time.sleep(0.001)
         _finish_handshake(s, tls, incoming, outgoing)
         payload = b"dribbled\n" * 100
+        assert _bio_echo(s, tls, incoming, outgoing, payload) == payload
+
+    hello, tls, incoming, outgoing = _client_hello(info["hostname"])
+    fragmented = _fragment_records(hello, 16)
+    assert fragmented.count(bytes([22, 3, 1, 0, 16])) > 10
+    with connect(relay.tls_port) as s:
+        s.sendall(fragmented)
+        _finish_handshake(s, tls, incoming, outgoing)
+        payload = b"fragmented\n" * 100
         assert _bio_echo(s, tls, incoming, outgoing, payload) == payload
 
     with stalled:
@@ -417,6 +440,9 @@ def test_named_services_reach_their_own_backends(relay, agents, servers):
         with tls_visit(relay, line["hostname"]) as s:
             assert recv_exactly(s, 4) == f"{name}:".encode()
             assert_echo(s, f"hello {name}\n".encode())
+    # DNS names are case-insensitive (RFC 4343): an upper-case SNI reaches the same service.
+    with tls_visit(relay, by_service["api"]["hostname"].upper()) as s:
+        assert recv_exactly(s, 4) == b"api:"
 
     ssh_line = by_service["ssh"]
     host, port = ssh_line["tcp_socket"]
@@ -471,7 +497,7 @@ def _visit_tcp(port: int) -> bytes:
             s.sendall(b"allowed?\n")
             s.shutdown(socket.SHUT_WR)
             return recv_all(s, 5)
-        except ConnectionResetError:
+        except OSError:  # reset, or ENOTCONN from shutdown() once the relay has reset
             return b""
 
 
@@ -480,7 +506,7 @@ def _visit_tls(relay, hostname: str) -> bytes:
         with tls_visit(relay, hostname) as s:
             s.sendall(b"allowed?\n")
             return recv_exactly(s, 9, timeout=5)
-    except (ssl.SSLError, ConnectionResetError, BrokenPipeError):
+    except OSError:  # ssl.SSLError, reset, broken pipe
         return b""
 
 
@@ -609,40 +635,77 @@ def test_agent_toml_services_work_like_flags(relay, agents, servers, tmp_path):
 # -- 10. certificate reload -----------------------------------------------------------------
 
 
-def test_sighup_reloads_the_relay_certificate(tmp_path, echo, agents):
+class CertRelay:
+    """A relay serving --cert/--key files this test issues from the relay's own dev CA."""
+
+    NAMES = [f"*.{DOMAIN}", DOMAIN]
+
+    def __init__(self, workdir):
+        # Only SIGHUP can explain a reload within the hour.
+        self.relay = RelayProcess(workdir, "--cert-check-seconds=3600")
+        self.state = relay_state.load_or_create(
+            self.relay.state_dir, agent_address=f"localhost:{self.relay.agent_port}"
+        )
+        self.cert_path, self.key_path = workdir / "wildcard.pem", workdir / "wildcard-key.pem"
+        self.issue()
+        self.relay.extra += [f"--cert={self.cert_path}", f"--key={self.key_path}"]
+        self.relay.start()
+
+    def issue(self) -> int:
+        """Overwrite the files with a newly issued certificate; returns its serial."""
+        relay_state.issue_certificate(self.state, self.NAMES, self.cert_path, self.key_path)
+        return x509.load_pem_x509_certificate(self.cert_path.read_bytes()).serial_number
+
+    def served_serial(self, hostname: str, context: ssl.SSLContext | None = None) -> int:
+        """The serial a new visitor of hostname is served (after an echo through the tunnel)."""
+        with tls_visit(self.relay, hostname, context) as s:
+            der = s.getpeercert(binary_form=True)
+            assert_echo(s, b"serial?\n")
+        return x509.load_der_x509_certificate(der).serial_number
+
+
+@pytest.fixture
+def cert_relay(tmp_path):
+    r = CertRelay(tmp_path / "relay")
+    yield r
+    r.relay.stop()
+    assert "Traceback" not in r.relay.log(), r.relay.log()
+
+
+def test_sighup_reloads_the_relay_certificate(cert_relay, echo, agents):
     """After --cert/--key are replaced and the relay gets SIGHUP, new visitors get the new certificate without a restart."""
-    workdir = tmp_path / "relay"
-    relay = RelayProcess(workdir, "--cert-check-seconds=3600")  # only SIGHUP can explain a reload
-    state = relay_state.load_or_create(
-        relay.state_dir, agent_address=f"localhost:{relay.agent_port}"
+    agent = agents(cert_relay.relay, "forward", str(echo.port), "--json")
+    hostname = json_lines(agent, 1)[0]["hostname"]
+    old = x509.load_pem_x509_certificate(cert_relay.cert_path.read_bytes()).serial_number
+    assert cert_relay.served_serial(hostname) == old
+    new = cert_relay.issue()
+    assert new != old
+    assert cert_relay.served_serial(hostname) == old  # nothing reloads by itself within the hour
+    cert_relay.relay.proc.send_signal(signal.SIGHUP)
+    wait_for(lambda: cert_relay.served_serial(hostname) == new, 10, "the new certificate after SIGHUP")
+    assert cert_relay.relay.proc.poll() is None
+
+
+def test_bad_replacement_keeps_the_old_certificate(cert_relay, echo, agents):
+    """A replaced --key that does not match --cert is refused at SIGHUP, and every tunnel, old or new, keeps being served the last good certificate."""
+    relay = cert_relay.relay
+    agent = agents(relay, "forward", str(echo.port), "--json")
+    hostname = json_lines(agent, 1)[0]["hostname"]
+    good = cert_relay.served_serial(hostname)
+
+    cert_relay.key_path.write_bytes(
+        ec.generate_private_key(ec.SECP256R1()).private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
     )
-    cert_path, key_path = workdir / "wildcard.pem", workdir / "wildcard-key.pem"
-    names = [f"*.{DOMAIN}", DOMAIN]
-    relay_state.issue_certificate(state, names, cert_path, key_path)
-    relay.extra += [f"--cert={cert_path}", f"--key={key_path}"]
-    relay.start()
-    try:
-        agent = agents(relay, "forward", str(echo.port), "--json")
-        (info,) = json_lines(agent, 1)
+    relay.proc.send_signal(signal.SIGHUP)
+    wait_for(lambda: "keeping the old TLS certificate" in relay.log(), 10, "the relay to refuse the new key")
+    assert cert_relay.served_serial(hostname) == good
 
-        def served_serial() -> int:
-            with tls_visit(relay, info["hostname"]) as s:
-                der = s.getpeercert(binary_form=True)
-                assert_echo(s, b"serial?\n")
-            return x509.load_der_x509_certificate(der).serial_number
-
-        def file_serial() -> int:
-            return x509.load_pem_x509_certificate(cert_path.read_bytes()).serial_number
-
-        old = file_serial()
-        assert served_serial() == old
-        relay_state.issue_certificate(state, names, cert_path, key_path)
-        new = file_serial()
-        assert new != old
-        assert served_serial() == old  # nothing reloads by itself within the hour
-        relay.proc.send_signal(signal.SIGHUP)
-        wait_for(lambda: served_serial() == new, 10, "the new certificate after SIGHUP")
-        assert relay.proc.poll() is None
-    finally:
-        relay.stop()
-    assert "Traceback" not in relay.log(), relay.log()
+    # A tunnel with its own ALPN list needs a TLS context the relay had not built before.
+    h2_agent = agents(relay, "forward", str(echo.port), "--alpn", "h2", "--json")
+    h2_hostname = json_lines(h2_agent, 1)[0]["hostname"]
+    context = visitor_context(relay)
+    context.set_alpn_protocols(["h2"])
+    assert cert_relay.served_serial(h2_hostname, context) == good
+    assert relay.proc.poll() is None

@@ -1,4 +1,4 @@
-"""TLSServerLayer (relay/tlslayer.py): the handshake, both half-closes, close
+"""TLSLayer (relay/tlslayer.py): the handshake, both half-closes, close
 deadlines and backpressure, against a client ``ssl.SSLObject`` on memory BIOs,
 a StringTransport and a fake clock; one test over real sockets."""
 
@@ -24,7 +24,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from relay.state import load_or_create
-from relay.tlslayer import TLSServerLayer
+from relay.tlslayer import TLSLayer
 
 MIB = 1024 * 1024
 
@@ -212,7 +212,7 @@ class Session:
         self.raw = RawTransport()
         self.inner = inner if inner is not None else RecordingInner()
         self.failures = []
-        self.layer = TLSServerLayer(
+        self.layer = TLSLayer(
             server if server is not None else server_context(pki),
             self.inner,
             self.clock,
@@ -649,7 +649,7 @@ def test_real_socket_echo_and_half_close(pki):
 
     def build():
         inners.append(EchoUntilEOF())
-        return TLSServerLayer(server, inners[-1], reactor, on_handshake_failed=failures.append)
+        return TLSLayer(server, inners[-1], reactor, on_handshake_failed=failures.append)
 
     port = reactor.listenTCP(0, Factory.forProtocol(build), interface="127.0.0.1")
     try:
