@@ -104,7 +104,17 @@ def _open_in_reactor(reactor, spec: TunnelSpec, relay, token, ca, connect_timeou
 
     agent = _shared_agent(reactor, relay, token, ca)
     tunnel = agent.add_tunnel(spec, keep_address=True)
-    result = defer.Deferred()
+
+    def give_up():
+        # The caller no longer waits (timeout, cancel): a grant still in
+        # flight must not leave a public address open that nobody will close.
+        if timer.active():
+            timer.cancel()
+        agent.close_tunnel(tunnel)
+        if not agent.tunnels and agent.link is None:
+            agent.stop()  # nothing else wants this relay; stop dialling it
+
+    result = defer.Deferred(canceller=lambda _: give_up())
 
     def granted(value):
         if timer.active():
@@ -121,9 +131,7 @@ def _open_in_reactor(reactor, spec: TunnelSpec, relay, token, ca, connect_timeou
     def too_slow():
         if result.called:
             return
-        agent.close_tunnel(tunnel)
-        if not agent.tunnels and agent.link is None:
-            agent.stop()  # nothing else wants this relay; stop dialling it
+        give_up()
         result.errback(RelayUnreachableError(
             f"the relay {relay} did not grant the tunnel within {connect_timeout:g} s "
             "(is it running, and is TUNNEL_RELAY right?)"
@@ -240,6 +248,17 @@ def _after_fork_in_child() -> None:
 os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
+def _close_when_granted(future: concurrent.futures.Future) -> None:
+    """The caller stopped waiting for an open (Ctrl-C, a cancelled task) that
+    may still succeed: close the tunnel as soon as it is granted."""
+
+    def close(done: concurrent.futures.Future):
+        if not done.cancelled() and done.exception() is None:
+            _reactor_thread().submit(_close_in_reactor, done.result())
+
+    future.add_done_callback(close)
+
+
 class TunnelContext:
     """What forward() returns: use it with `with` or `async with`; either
     gives the live Tunnel and closes it on the way out, exception or not."""
@@ -263,7 +282,12 @@ class TunnelContext:
     # -- plain code -----------------------------------------------------------------
 
     def __enter__(self):
-        self.tunnel = self._open_future().result(self._connect_timeout + CLOSE_TIMEOUT_SECONDS)
+        future = self._open_future()
+        try:
+            self.tunnel = future.result(self._connect_timeout + CLOSE_TIMEOUT_SECONDS)
+        except BaseException:
+            _close_when_granted(future)  # Ctrl-C while opening: `with` will not call __exit__
+            raise
         return self.tunnel
 
     def __exit__(self, *exc_info):
@@ -293,11 +317,22 @@ class TunnelContext:
             else:
                 aio.resolve(result, done.result())
 
-        future.add_done_callback(lambda done: loop.call_soon_threadsafe(settle, done))
+        def settle_in_loop(done: concurrent.futures.Future):
+            try:
+                loop.call_soon_threadsafe(settle, done)
+            except RuntimeError:
+                pass  # the loop is closed: its caller is gone
+
+        future.add_done_callback(settle_in_loop)
         return await result
 
     async def __aenter__(self):
-        self.tunnel = await self._await(self._open_future())
+        future = self._open_future()
+        try:
+            self.tunnel = await self._await(future)
+        except BaseException:
+            _close_when_granted(future)  # a cancelled task: `async with` will not call __aexit__
+            raise
         return self.tunnel
 
     async def __aexit__(self, *exc_info):

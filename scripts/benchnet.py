@@ -36,8 +36,9 @@ import threading
 import time
 from collections import deque
 
-CHUNK = 1048576  # bulk read and write size
+CHUNK = 256 * 1024  # bulk read and write size
 UPLOAD_REPLY = struct.Struct("!Qd")
+SKIP = struct.Struct("!d")
 U32 = struct.Struct("!I")
 
 
@@ -181,14 +182,23 @@ class BulkService:
                 pass
 
     def _upload(self, conn) -> None:
+        """Counts from the first frame, or from `skip` seconds after it (a ramp-up
+        left out); answers the bytes and seconds counted."""
+        (skip,) = SKIP.unpack(recv_exact(conn, SKIP.size))
         buf = bytearray(CHUNK)
         view = memoryview(buf)
         total = 0
         first = None
+        mark = None  # (time, total) where counting starts
+        perf = time.perf_counter
         while True:
             (length,) = U32.unpack(recv_exact(conn, 4))
+            now = perf()
             if first is None:
-                first = time.perf_counter()
+                first = now
+                mark = (now, 0)
+            elif skip and mark[1] == 0 and now - first >= skip:
+                mark = (now, total)
             if length == 0:
                 break
             need = length
@@ -198,7 +208,7 @@ class BulkService:
                     raise ConnectionError("EOF inside a frame")
                 need -= k
             total += length
-        conn.sendall(UPLOAD_REPLY.pack(total, time.perf_counter() - (first or time.perf_counter())))
+        conn.sendall(UPLOAD_REPLY.pack(total - mark[1], perf() - mark[0]))
 
     def _download(self, conn) -> None:
         deadline = time.monotonic() + self.MAX_SECONDS
@@ -334,12 +344,13 @@ class Endpoint:
         return sock
 
 
-def bulk_upload(ep: Endpoint, seconds: float) -> dict:
-    """Send for `seconds`; the rate the service measured on its side."""
+def bulk_upload(ep: Endpoint, seconds: float, skip: float = 0.0) -> dict:
+    """Send for `seconds`; the rate the service measured on its side, leaving
+    out the first `skip` seconds."""
     frame = memoryview(U32.pack(CHUNK) + bytes(CHUNK))
     with ep.connect() as sock:
         sock.settimeout(60)
-        sock.sendall(b"U")
+        sock.sendall(b"U" + SKIP.pack(skip))
         end = time.monotonic() + seconds
         while time.monotonic() < end:
             sock.sendall(frame)
@@ -348,8 +359,9 @@ def bulk_upload(ep: Endpoint, seconds: float) -> dict:
     return {"bytes": total, "seconds": duration, "MBps": total / duration / 1e6 if duration > 0 else 0.0}
 
 
-def bulk_download(ep: Endpoint, seconds: float) -> dict:
-    """Receive for `seconds` after the first byte; the rate the visitor saw."""
+def bulk_download(ep: Endpoint, seconds: float, skip: float = 0.0) -> dict:
+    """Receive for `seconds` after the first byte; the rate the visitor saw
+    after the first `skip` seconds. `bytes_total` counts them all."""
     buf = bytearray(CHUNK)
     with ep.connect() as sock:
         sock.settimeout(60)
@@ -357,16 +369,24 @@ def bulk_download(ep: Endpoint, seconds: float) -> dict:
         total = sock.recv_into(buf)
         if not total:
             raise ConnectionError("download: EOF before any byte")
-        start = time.perf_counter()
+        perf = time.perf_counter
+        start = perf()
         end = start + seconds
+        mark = (start, total) if not skip else None
         now = start
         while now < end:
             n = sock.recv_into(buf)
             if not n:
                 raise ConnectionError("download: EOF")
             total += n
-            now = time.perf_counter()
-    return {"bytes": total, "seconds": now - start, "MBps": total / (now - start) / 1e6}
+            now = perf()
+            if mark is None and now - start >= skip:
+                mark = (now, total)
+    if mark is None or now - mark[0] <= 0:
+        mark = (start, 0)
+    counted = total - mark[1]
+    return {"bytes": counted, "bytes_total": total, "seconds": now - mark[0],
+            "MBps": counted / (now - mark[0]) / 1e6}
 
 
 def multi_download(ep: Endpoint, streams: int, seconds: float, warmup: float = 0.3) -> dict:
