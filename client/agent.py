@@ -272,6 +272,7 @@ class TunnelAgent:
         self._service: ClientService | None = None
         self._link_gone: defer.Deferred | None = None
         self._resolved: dict[ServiceSpec, object] = {}
+        self._terminators: dict[ServiceSpec, int] = {}  # service -> loopback TLS port
 
     @property
     def stopped(self) -> bool:
@@ -305,7 +306,10 @@ class TunnelAgent:
 
     def service_endpoint(self, service: ServiceSpec):
         """Where to connect for a visitor: the address that worked last time
-        (no name resolution per stream), else the name as given."""
+        (no name resolution per stream), else the name as given; for a
+        passthrough service the agent terminates, its loopback TLS listener."""
+        if service.tls_files:
+            return self._terminator_endpoint(service)
         endpoint = self._resolved.get(service)
         if endpoint is None:
             endpoint = HostnameEndpoint(
@@ -323,6 +327,17 @@ class TunnelAgent:
 
     def forget_address(self, service: ServiceSpec) -> None:
         self._resolved.pop(service, None)
+
+    def _terminator_endpoint(self, service: ServiceSpec):
+        from client.terminate import AgentTLSTerminator, server_context
+
+        port = self._terminators.get(service)
+        if port is None:
+            context = server_context(*service.tls_files, service.agent_client_ca)
+            terminator = AgentTLSTerminator(self.reactor, service.host, service.port, context)
+            terminator.start().addCallback(lambda p: self._terminators.__setitem__(service, p))
+            port = self._terminators[service]  # TCP listening completes synchronously
+        return TCP4ClientEndpoint(self.reactor, "127.0.0.1", port, timeout=SERVICE_CONNECT_TIMEOUT_SECONDS)
 
     # -- lifecycle ------------------------------------------------------------------
 
@@ -546,6 +561,13 @@ class TunnelAgent:
             tunnel.opened.callback(tunnel)
 
     def _refused(self, tunnel: Tunnel, error: TunnelError) -> None:
+        if tunnel.keep_address and tunnel.urls:
+            # A reconnect found the addresses expired and the relay could not
+            # even offer new ones (e.g. the freed port is in quarantine): to the
+            # caller, as in control_reply, the addresses are lost.
+            error = TunnelLostError(
+                f"{' '.join(tunnel.urls)} expired while the link to the relay was down ({error})"
+            )
         if self.fail_on_refusal:
             self.fail(error)
             return

@@ -37,6 +37,9 @@ def _add_common_options(command: argparse.ArgumentParser) -> None:
         "--tls-passthrough", action="store_true",
         help="the relay routes by SNI without terminating: the service speaks TLS itself",
     )
+    kinds.add_argument("--cert", metavar="FILE",
+                       help="with --tls-passthrough: the agent terminates TLS with this certificate chain")
+    kinds.add_argument("--key", metavar="FILE", help="the private key of --cert")
     kinds.add_argument(
         "--alpn", action="append", metavar="PROTO",
         help="ALPN protocols the service speaks, e.g. h2 for HTTP/2 and gRPC "
@@ -169,6 +172,8 @@ def _settings(args) -> dict:
         allow=(args.allow or []) + [str(a) for a in file.get("allow", [])],
         client_ca=client_ca,
         proxy_protocol=pick("proxy_protocol"),
+        cert=pick("cert"),
+        key=pick("key"),
     )
     return {
         "relay": relay, "token": token, "ca": ca, "specs": specs,

@@ -4,6 +4,7 @@ from command-line arguments, an agent TOML file, or Python API keywords.
 No Twisted here: the CLI parses and validates before it loads the reactor.
 """
 
+import os
 import re
 import sys
 
@@ -55,7 +56,8 @@ class ServiceSpec:
     """
 
     def __init__(self, host: str, port: int, *, name: str = "", kind: str = "tcp",
-                 mode: str | None = None, alpn=(), proxy_protocol: str | None = None):
+                 mode: str | None = None, alpn=(), proxy_protocol: str | None = None,
+                 tls_files: tuple[str, str] | None = None, agent_client_ca: str | None = None):
         if kind not in ("tcp", "tls"):
             raise ConfigurationError(f"unknown service kind {kind!r}")
         if proxy_protocol not in (None, *PROXY_PROTOCOL_VERSIONS):
@@ -64,6 +66,10 @@ class ServiceSpec:
         self.mode = (mode or "terminate") if kind == "tls" else None
         self.alpn = tuple(alpn) if kind == "tls" else ()
         self.proxy_protocol = proxy_protocol
+        # passthrough terminated by the agent itself: (cert path, key path), and
+        # the CA the agent then requires of visitors
+        self.tls_files = tls_files if self.mode == "passthrough" else None
+        self.agent_client_ca = agent_client_ca if self.tls_files else None
 
     @property
     def target(self) -> str:
@@ -162,7 +168,8 @@ def parse_ports(values) -> list[int]:
 
 def build_specs(*, targets=(), services=(), expose_ports=(), unencrypted=False,
                 tls_passthrough=False, alpn=(), allow=(), client_ca: str | None = None,
-                proxy_protocol: str | None = None) -> list[TunnelSpec]:
+                proxy_protocol: str | None = None, cert: str | None = None,
+                key: str | None = None) -> list[TunnelSpec]:
     """The tunnels a command line (or an API call) asks for.
 
     Each positional target is its own tunnel; all --service entries share one
@@ -177,14 +184,29 @@ def build_specs(*, targets=(), services=(), expose_ports=(), unencrypted=False,
     alpn = parse_alpn(alpn)
     if tls_passthrough and alpn:
         raise ConfigurationError("--alpn is for tunnels the relay terminates; in passthrough the service negotiates")
-    if tls_passthrough and client_ca:
-        raise ConfigurationError("--client-ca is checked by whoever terminates TLS: in passthrough, that is the service")
+    if bool(cert) != bool(key):
+        raise ConfigurationError("--cert and --key go together")
+    if cert and not tls_passthrough:
+        raise ConfigurationError("--cert/--key make the agent terminate TLS: use them with --tls-passthrough")
+    if tls_passthrough and client_ca and not cert:
+        raise ConfigurationError(
+            "--client-ca is checked by whoever terminates TLS: in passthrough that is the service, "
+            "or the agent given --cert/--key"
+        )
+    for path in (cert, key):
+        if path and not os.path.isfile(path):
+            raise ConfigurationError(f"{path} does not exist (--cert/--key)")
+    tls_files = (cert, key) if cert else None
+    agent_client_ca = client_ca if tls_files else None
+    if tls_files:
+        client_ca = None  # the agent checks it; the relay only passes bytes through
     common = {"allow": tuple(allow or ()), "client_ca": client_ca}
     specs = []
     for target in targets or ():
         host, port = parse_host_port(target, default_host="localhost")
         specs.append(TunnelSpec([ServiceSpec(host, port, kind=kind, mode=mode, alpn=alpn,
-                                             proxy_protocol=proxy_protocol)], **common))
+                                             proxy_protocol=proxy_protocol, tls_files=tls_files,
+                                             agent_client_ca=agent_client_ca)], **common))
     if services:
         named, seen = [], set()
         for item in services:
@@ -194,7 +216,8 @@ def build_specs(*, targets=(), services=(), expose_ports=(), unencrypted=False,
             seen.add(name)
             k = service_kind or kind
             named.append(ServiceSpec(host, port, name=name, kind=k, mode=service_mode or mode,
-                                     alpn=alpn, proxy_protocol=proxy_protocol))
+                                     alpn=alpn, proxy_protocol=proxy_protocol, tls_files=tls_files,
+                                     agent_client_ca=agent_client_ca))
         specs.append(TunnelSpec(named, **common))
     if expose_ports:
         specs.append(TunnelSpec(
@@ -220,7 +243,7 @@ def load_agent_config(path: str) -> dict:
         raise ConfigurationError(f"config file {path}: {e}") from None
     data = {k.replace("-", "_"): v for k, v in data.items()}
     known = {"relay", "token", "ca", "json", "alpn", "allow", "client_ca", "proxy_protocol",
-             "unencrypted", "tls_passthrough", "forward", "services", "max_retries"}
+             "unencrypted", "tls_passthrough", "forward", "services", "max_retries", "cert", "key"}
     unknown = set(data) - known
     if unknown:
         raise ConfigurationError(f"config file {path}: unknown keys {', '.join(sorted(unknown))}")

@@ -102,8 +102,8 @@ def relays(tmp_path):
     """Relays with their own options (keepalive, grace); none may log a traceback."""
     started = []
 
-    def start(*extra, name="relay"):
-        r = RelayProcess(tmp_path / name, *extra).start()
+    def start(*extra, name="relay", tunnel_ports=20):
+        r = RelayProcess(tmp_path / name, *extra, tunnel_ports=tunnel_ports).start()
         started.append(r)
         return r
 
@@ -586,9 +586,12 @@ def test_cut_link_reconnects_with_the_same_url(relays, echo, programs):
         proxy.close()
 
 
-def test_link_away_past_grace_closes_with_tunnel_lost(relays, echo, programs):
+# With one public port, the expired tunnel's port is in quarantine when the
+# agent comes back: the relay cannot even offer a new address.
+@pytest.mark.parametrize("tunnel_ports", [20, 1])
+def test_link_away_past_grace_closes_with_tunnel_lost(relays, echo, programs, tunnel_ports):
     """A link silent past the relay's grace period ends the tunnel with TunnelLostError when the agent gets back, never with a new url."""
-    relay = relays(*FAST_KEEPALIVE, "--grace-seconds", "1")
+    relay = relays(*FAST_KEEPALIVE, "--grace-seconds", "1", tunnel_ports=tunnel_ports)
     proxy = LinkProxy(relay.agent_port)
     try:
         program = programs(WATCH.format(port=echo.port, proxy_port=proxy.port), relay)
