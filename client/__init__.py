@@ -6,7 +6,8 @@
         print(tunnel.url)
 
 Importing this package loads no reactor and no Twisted module; see
-client/api.py (forward, open_tunnel, close_tunnel) and client/errors.py.
+docs/python-api.md, client/api.py (forward, open_tunnel, close_tunnel) and
+client/errors.py.
 """
 
 from client.api import TunnelContext, close_tunnel, forward, open_tunnel

@@ -161,8 +161,9 @@ def open_tunnel(target=None, *, reactor=None, unencrypted=False, relay=None, tok
                 tls_passthrough=False, connect_timeout=DEFAULT_CONNECT_TIMEOUT_SECONDS):
     """From Twisted code: a Deferred firing with a live Tunnel (never blocks).
 
-    Same arguments as forward(); `reactor` defaults to the global one. Close
-    it with `close_tunnel(tunnel)`.
+    Same arguments as forward(); `reactor` defaults to the global one. Errors
+    arrive as the Deferred's failure; cancelling it before it fires gives
+    back a tunnel granted later. Close the tunnel with `close_tunnel(tunnel)`.
     """
     from twisted.internet import defer
 
@@ -358,8 +359,12 @@ def forward(target=None, *, unencrypted=False, relay=None, token=None, ca=None, 
     connect_timeout: seconds before RelayUnreachableError when the relay
         does not answer.
 
-    Raises TunnelError subclasses: ConfigurationError, AuthenticationError,
-    RelayUnreachableError, NoPortsAvailableError, BadServiceNameError, ...
+    Raises TunnelError subclasses: ConfigurationError and BadServiceNameError
+    here; AuthenticationError, RelayVerificationError, RelayUnreachableError,
+    NoPortsAvailableError on entering the block. Inside it, tunnel.status is
+    "live", "reconnecting" (the link dropped; same addresses when it is back)
+    or "closed" (tunnel.error a TunnelLostError if the addresses expired).
+    See docs/python-api.md.
     """
     relay, token, ca = _settings(relay, token, ca)
     spec = _spec(target, unencrypted=unencrypted, alpn=alpn, services=services, allow=allow,

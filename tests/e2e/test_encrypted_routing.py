@@ -32,13 +32,12 @@ from tests.e2e.harness import (
     RelayProcess,
     closed_within,
     connect,
-    free_port,
     recv_all,
     wait_for,
 )
 
 DOMAIN = "tunnels.localhost"
-# The relay's CLIENT_HELLO_TIMEOUT_SECONDS (relay/tlsfront.py), plus slack.
+# The relay's CLIENT_HELLO_TIMEOUT_SECONDS (relay/tlsfront.py).
 HELLO_TIMEOUT_SECONDS = 10.0
 
 

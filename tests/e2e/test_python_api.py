@@ -12,6 +12,7 @@ run in threads so the agent, on the same reactor, can serve them.
 
 import json
 import os
+import re
 import socket
 import ssl
 import subprocess
@@ -482,6 +483,9 @@ def test_relay_down_or_silent_raises_unreachable_within_connect_timeout(relay, p
         import time
         from client import RelayUnreachableError
 
+        with forward(8000):
+            pass  # Twisted imported and the reactor thread up: the timings below are the waits
+
         silent = socket.socket()
         silent.bind(("127.0.0.1", 0))
         silent.listen(8)  # accepts TCP (the kernel does), never speaks TLS
@@ -518,6 +522,43 @@ def test_bad_token_raises_authentication_error_quickly(relay, programs):
     assert report["error"] == "AuthenticationError" and report["seconds"] < 5, report
     assert "not-the-token" not in report["message"]
     assert program.finish() == 0
+
+
+def test_relay_certificate_from_another_ca_raises_verification_error(relay, programs):
+    """A relay whose certificate the given CA did not issue raises RelayVerificationError at once, without a retry."""
+    program = programs("""
+        import time
+        from client import RelayVerificationError
+
+        started = time.monotonic()
+        try:
+            with forward(8000, ca="/etc/ssl/certs/ca-certificates.crt", connect_timeout=20):
+                emit(error=None)
+        except RelayVerificationError as e:
+            emit(error=type(e).__name__, seconds=time.monotonic() - started)
+    """, relay)
+    report = program.read()
+    assert report["error"] == "RelayVerificationError" and report["seconds"] < 5, report
+    assert program.finish() == 0
+
+
+def test_services_give_one_url_each(relay, echo, programs):
+    """services={...} opens one tunnel id with a URL per named service, TLS or TCP by its mode, each reaching its port."""
+    program = programs(f"""
+        with forward(services={{"web": {echo.port}, "raw": "127.0.0.1:{echo.port}:tcp"}}) as tunnel:
+            for name, endpoint in sorted(tunnel.services.items()):
+                if endpoint.tcp_socket:
+                    echo_tcp(*endpoint.tcp_socket, name.encode())
+                else:
+                    echo_tls(*endpoint.tls_socket, name.encode())
+                emit(name=name, url=endpoint.url, first=tunnel.url)
+    """, relay)
+    raw, web = program.read(), program.read()
+    assert raw["name"] == "raw" and raw["url"].startswith("tcp://localhost:")
+    assert web["name"] == "web" and re.fullmatch(r"https://web-[a-z2-7]{16}\.tunnels\.localhost:\d+", web["url"])
+    assert web["first"] == web["url"]  # tunnel.url is the first service's
+    assert program.finish() == 0
+    assert no_tunnels(relay)
 
 
 def test_bad_service_name_raised_before_dialling(programs):
