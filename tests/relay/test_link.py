@@ -241,3 +241,41 @@ def test_close_link_unregisters_the_producer_and_cancels_its_deadline():
     assert clock.getDelayedCalls()
     link.connectionLost(None)
     assert not [c for c in clock.getDelayedCalls() if c.active()]
+
+
+def test_window_update_and_reset_in_one_read_reset_only_that_stream():
+    """A WINDOW_UPDATE and a RESET for one stream in the same read drop that
+    stream, never the link (events follow the core's view of the whole read)."""
+    clock = Clock()
+    link, transport, peer = handshaken_pair(clock)
+    splice, local = open_splice(link)
+    other, other_local = open_splice(link)
+    peer.receive_data(transport.value())
+    transport.clear()
+    window = link.mux.send_window(splice.stream_id)
+    splice.dataReceived(b"d" * (window + 100))  # window used up, 100 bytes stashed
+    received = peer.receive_data(transport.value())
+    transport.clear()
+    peer.consumed(splice.stream_id, sum(len(e.data) for e in received if isinstance(e, ev.DataReceived)))
+    peer.reset(splice.stream_id)
+    link.dataReceived(b"".join(peer.outgoing()))  # WINDOW_UPDATE, then RESET
+    assert not link.closed
+    assert local.disconnecting or not splice.stream_open
+    other.dataReceived(b"still here")
+    events = peer.receive_data(transport.value())
+    assert [e.data for e in events if isinstance(e, ev.DataReceived)] == [b"still here"]
+
+
+def test_resume_rotates_which_stream_goes_first():
+    """Each resume of the link starts with a different stream, so none is starved."""
+    clock = Clock()
+    link, transport, peer = handshaken_pair(clock)
+    splices = [open_splice(link)[0] for _ in range(3)]
+    order = []
+    for splice in splices:
+        splice.push = (lambda s: lambda: order.append(s.stream_id))(splice)
+    for _ in range(3):
+        link.pauseProducing()
+        link.resumeProducing()
+    firsts = [order[i * 3] for i in range(3)]
+    assert sorted(firsts) == sorted(s.stream_id for s in splices)
