@@ -25,7 +25,6 @@ first frame to the end. Download: the service sends until the client closes.
 import argparse
 import asyncio
 import json
-import os
 import resource
 import selectors
 import socket
@@ -389,9 +388,11 @@ def bulk_download(ep: Endpoint, seconds: float, skip: float = 0.0) -> dict:
             "MBps": counted / (now - mark[0]) / 1e6}
 
 
-def multi_download(ep: Endpoint, streams: int, seconds: float, warmup: float = 0.3) -> dict:
+def multi_download(ep: Endpoint, streams: int, seconds: float, warmup: float = 0.3,
+                   start_timeout: float = 5.0) -> dict:
     """`streams` concurrent downloads: aggregate rate and Jain's fairness of
-    what each stream got in the same window."""
+    what each stream got in the same window. A stream that gets nothing is
+    starved, not an error: it counts as 0 (and in `starved`)."""
     counts = [0] * streams
     first = [threading.Event() for _ in range(streams)]
     stop = threading.Event()
@@ -399,7 +400,7 @@ def multi_download(ep: Endpoint, streams: int, seconds: float, warmup: float = 0
     socks = []
     for _ in range(streams):
         sock = ep.connect()
-        sock.settimeout(30)
+        sock.settimeout(seconds + warmup + start_timeout + 30)
         socks.append(sock)
 
     def run(i: int) -> None:
@@ -413,7 +414,7 @@ def multi_download(ep: Endpoint, streams: int, seconds: float, warmup: float = 0
                     raise ConnectionError("EOF")
                 counts[i] += n
                 first[i].set()
-        except OSError as e:
+        except (OSError, ValueError) as e:
             if not stop.is_set():
                 errors.append(f"stream {i}: {e}")
             first[i].set()
@@ -422,7 +423,7 @@ def multi_download(ep: Endpoint, streams: int, seconds: float, warmup: float = 0
     for t in threads:
         t.start()
     try:
-        deadline = time.monotonic() + 30
+        deadline = time.monotonic() + start_timeout
         for event in first:
             event.wait(max(0.0, deadline - time.monotonic()))
         time.sleep(warmup)
@@ -438,16 +439,18 @@ def multi_download(ep: Endpoint, streams: int, seconds: float, warmup: float = 0
                 sock.shutdown(socket.SHUT_RDWR)
             except OSError:
                 pass
-            sock.close()
         for t in threads:
             t.join(5)
+        for sock in socks:
+            sock.close()
     if errors:
         raise ConnectionError("; ".join(errors[:3]))
     got = [a - b for a, b in zip(after, before)]
     total = sum(got)
     squares = sum(x * x for x in got)
     jain = total * total / (len(got) * squares) if squares else 0.0
-    return {"MBps": total / elapsed / 1e6, "jain": jain, "per_stream_bytes": got, "seconds": elapsed}
+    return {"MBps": total / elapsed / 1e6, "jain": jain, "per_stream_bytes": got, "seconds": elapsed,
+            "starved": sum(1 for x in got if x == 0), "never_started": sum(1 for c in before if c == 0)}
 
 
 def ping_pong(ep: Endpoint, count: int, warmup: int, max_seconds: float) -> list[float]:
@@ -531,12 +534,17 @@ async def _idle_main(args) -> None:
     context = ep.context() if ep.tls_hostname else None
     held = []
     failed = 0
+    not_tried = 0
     limit = asyncio.Semaphore(args.concurrency)
     t0 = time.perf_counter()
+    deadline = time.monotonic() + args.max_seconds
 
     async def one():
-        nonlocal failed
+        nonlocal failed, not_tried
         async with limit:
+            if time.monotonic() > deadline:
+                not_tried += 1
+                return
             try:
                 reader, writer = await asyncio.wait_for(
                     asyncio.open_connection(
@@ -552,7 +560,8 @@ async def _idle_main(args) -> None:
                 failed += 1
 
     await asyncio.gather(*(one() for _ in range(args.n)))
-    print(json.dumps({"held": len(held), "failed": failed, "seconds": time.perf_counter() - t0}), flush=True)
+    print(json.dumps({"held": len(held), "failed": failed, "not_tried": not_tried,
+                      "seconds": time.perf_counter() - t0}), flush=True)
     await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)
     for writer in held:
         writer.transport.abort()
@@ -599,6 +608,7 @@ def main(argv=None) -> None:
     p.add_argument("--endpoint", required=True, help="JSON of an Endpoint")
     p.add_argument("--n", type=int, required=True)
     p.add_argument("--concurrency", type=int, default=64)
+    p.add_argument("--max-seconds", type=float, default=60, help="stop opening after this long; hold what is open")
     p = sub.add_parser("api")
     p.add_argument("--target", required=True)
     p.add_argument("--cycles", type=int, default=10)
