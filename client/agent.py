@@ -18,6 +18,7 @@ from twisted.internet import defer
 from twisted.internet.endpoints import HostnameEndpoint, TCP4ClientEndpoint, TCP6ClientEndpoint
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from client.errors import (
     AuthenticationError,
@@ -157,8 +158,9 @@ class AgentLink(MuxLink):
         self.agent.control_reply(message)
 
     def on_stream_opened(self, stream_id: int, metadata: dict):
-        tunnel = self.agent.tunnels_by_id.get(metadata.get("tunnel"))
-        service = tunnel.service(metadata.get("service", "")) if tunnel is not None else None
+        tunnel_id, service_name = metadata.get("tunnel"), metadata.get("service", "")
+        tunnel = self.agent.tunnels_by_id.get(tunnel_id) if isinstance(tunnel_id, str) else None
+        service = tunnel.service(service_name) if tunnel is not None and isinstance(service_name, str) else None
         if service is None:
             self.mux.reset(stream_id, ErrorCode.REFUSED_STREAM, "no such tunnel or service on this agent")
             return
@@ -181,7 +183,12 @@ class AgentLink(MuxLink):
                 self.mux.reset(stream_id, ErrorCode.CONNECT_FAILED, "service unreachable")
                 self.flush()
 
-        d = self.agent.service_endpoint(service).connect(_SpliceFactory(splice))
+        try:
+            endpoint = self.agent.service_endpoint(service)
+        except Exception as e:  # e.g. an agent-side TLS listener that could not start
+            failed(Failure(e))
+            return
+        d = endpoint.connect(_SpliceFactory(splice))
         d.addCallbacks(connected, failed)
         d.addErrback(lambda f: self._log.failure("splice setup failed", f))
 
@@ -272,7 +279,7 @@ class TunnelAgent:
         self._service: ClientService | None = None
         self._link_gone: defer.Deferred | None = None
         self._resolved: dict[ServiceSpec, object] = {}
-        self._terminators: dict[ServiceSpec, int] = {}  # service -> loopback TLS port
+        self._terminators: dict[ServiceSpec, object] = {}  # service -> its AgentTLSTerminator
 
     @property
     def stopped(self) -> bool:
@@ -331,12 +338,17 @@ class TunnelAgent:
     def _terminator_endpoint(self, service: ServiceSpec):
         from client.terminate import AgentTLSTerminator, server_context
 
-        port = self._terminators.get(service)
-        if port is None:
+        terminator = self._terminators.get(service)
+        if terminator is None:
             context = server_context(*service.tls_files, service.agent_client_ca)
             terminator = AgentTLSTerminator(self.reactor, service.host, service.port, context)
-            terminator.start().addCallback(lambda p: self._terminators.__setitem__(service, p))
-            port = self._terminators[service]  # TCP listening completes synchronously
+            terminator.start().addErrback(
+                lambda f: self._log.warn("agent-side TLS listener failed: {error}", error=f.getErrorMessage())
+            )
+            if terminator.listening is None:  # TCP listening completes synchronously, or failed
+                raise ConnectionError(f"no agent-side TLS listener for {service.target}")
+            self._terminators[service] = terminator
+        port = terminator.listening.getHost().port
         return TCP4ClientEndpoint(self.reactor, "127.0.0.1", port, timeout=SERVICE_CONNECT_TIMEOUT_SECONDS)
 
     # -- lifecycle ------------------------------------------------------------------
@@ -406,6 +418,8 @@ class TunnelAgent:
         self._stopping = True
         link = self.link
         waits = []
+        for terminator in self._terminators.values():
+            terminator.stop()
         if link is not None and not link.closed:
             self._link_gone = defer.Deferred()
             waits.append(self._link_gone)
@@ -495,7 +509,8 @@ class TunnelAgent:
         self._send(link, request, tunnel)
 
     def control_reply(self, message: dict) -> None:
-        waiter = self._pending.pop(message.get("id"), None)
+        request_id = message.get("id")
+        waiter = self._pending.pop(request_id, None) if isinstance(request_id, int) else None
         if isinstance(waiter, defer.Deferred):  # a close_tunnel reply
             if not waiter.called:
                 waiter.callback(None)
@@ -572,6 +587,8 @@ class TunnelAgent:
             self.fail(error)
             return
         self.tunnels.remove(tunnel)
+        if tunnel.tunnel_id is not None and self.tunnels_by_id.get(tunnel.tunnel_id) is tunnel:
+            del self.tunnels_by_id[tunnel.tunnel_id]
         tunnel.status = "closed"
         tunnel.error = error
         if not tunnel.opened.called:

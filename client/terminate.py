@@ -58,6 +58,9 @@ class _HalfCloseSplice(Protocol):
             early, side._early = side._early, []
             for data in early:
                 side.peer.transport.write(data)
+            if side._read_closed:  # EOF came before the pair: pass it on now
+                side.peer.transport.unregisterProducer()
+                side.peer.transport.loseWriteConnection()
 
     def dataReceived(self, data: bytes):
         if self.peer is None:

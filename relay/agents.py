@@ -125,7 +125,8 @@ class RelayLink(MuxLink):
         d.addErrback(lambda f: self._log.failure("open_tunnel failed", f))
 
     def _close_tunnel(self, request_id: int, message: dict) -> None:
-        tunnel = self.registry.tunnels.get(message.get("tunnel"))
+        tunnel_id = message.get("tunnel")
+        tunnel = self.registry.tunnels.get(tunnel_id) if isinstance(tunnel_id, str) else None
         if tunnel is None or tunnel.link is not self:
             raise TunnelRequestError("unknown_tunnel", "no such tunnel on this link")
         self.registry.close(tunnel, "agent closed it")

@@ -23,6 +23,9 @@ MAX_RECORD_PAYLOAD = 2**14
 # Real ClientHellos are 0.5-2 KiB (post-quantum key shares included); anything
 # above this is junk meant to make us buffer.
 MAX_CLIENT_HELLO_BYTES = 64 * 1024
+# Records one ClientHello may span: real ones use one; a 1-byte-per-record
+# hello is legal but only good for making us do work.
+MAX_RECORDS = 4096
 
 
 class ClientHelloError(Exception):
@@ -41,18 +44,24 @@ def normalize_server_name(name: str) -> str:
 
 
 class ClientHelloReader:
-    __slots__ = ("_buffer",)
+    """Feeds bytes in; keeps its place, so each byte is looked at once however
+    the visitor splits its hello (a 1-byte-per-record dribble costs linear work)."""
+
+    __slots__ = ("_buffer", "_offset", "_handshake", "_records")
 
     def __init__(self):
-        self._buffer = b""
+        self._buffer = bytearray()  # every byte read, replayed to the TLS layer or service
+        self._offset = 0  # end of the last whole record in _buffer
+        self._handshake = bytearray()  # handshake bytes of the records so far
+        self._records = 0
 
     def feed(self, data: bytes) -> ClientHello | None:
         """None while more bytes are needed; raises ClientHelloError on junk."""
         self._buffer += data
         buf = self._buffer
-        handshake = b""
-        offset = 0
+        handshake = self._handshake
         while True:
+            offset = self._offset
             if len(buf) - offset < RECORD_HEADER.size:
                 return self._need_more()
             content_type, version, length = RECORD_HEADER.unpack_from(buf, offset)
@@ -64,9 +73,12 @@ class ClientHelloReader:
                 raise ClientHelloError("bad TLS record length")
             if len(buf) - offset - RECORD_HEADER.size < length:
                 return self._need_more()
+            self._records += 1
+            if self._records > MAX_RECORDS:
+                raise ClientHelloError("ClientHello split into too many records")
             start = offset + RECORD_HEADER.size
             handshake += buf[start : start + length]
-            offset = start + length
+            self._offset = start + length
             if len(handshake) >= 4:
                 if handshake[0] != HANDSHAKE_CLIENT_HELLO:
                     raise ClientHelloError("first handshake message is not a ClientHello")
@@ -74,7 +86,7 @@ class ClientHelloReader:
                 if body_length > MAX_CLIENT_HELLO_BYTES:
                     raise ClientHelloError("ClientHello too large")
                 if len(handshake) >= 4 + body_length:
-                    name, alpn = parse_client_hello_body(handshake[4 : 4 + body_length])
+                    name, alpn = parse_client_hello_body(bytes(handshake[4 : 4 + body_length]))
                     return ClientHello(name, alpn, bytes(buf))
 
     def _need_more(self) -> None:

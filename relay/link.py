@@ -25,7 +25,8 @@ from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from relay.mux import ErrorCode, MuxConnection, MuxProtocolError
+from relay.mux import ErrorCode, MuxConnection, MuxProtocolError, MuxUsageError
+from relay.mux.connection import LinkState
 from relay.mux import events as ev
 
 DEFAULT_KEEPALIVE_INTERVAL_SECONDS = 10.0
@@ -82,6 +83,10 @@ class SplicedConnection(Protocol):
     # -- local side (Twisted calls these) ------------------------------------
 
     def connectionMade(self):
+        if not self.stream_open:
+            # The stream died (reset, link lost) while we were connecting.
+            self.transport.abortConnection()
+            return
         set_socket_options(self.transport, keepalive=True)
         self.transport.registerProducer(self, True)
         if self.preamble:
@@ -266,7 +271,12 @@ class MuxLink(Protocol):
             events = self.mux.receive_data(data)
             handlers = self._handlers
             for event in events:
-                handlers[type(event)](event)
+                try:
+                    handlers[type(event)](event)
+                except MuxUsageError as e:
+                    # A race, not a bug of the peer's: e.g. a CONTROL answered after a
+                    # GOAWAY in the same read closed the core. The next events still run.
+                    self._log.debug("link {peer}: {error}", peer=self.peer, error=e)
                 if self.closed:
                     return
         except MuxProtocolError as e:
@@ -365,7 +375,7 @@ class MuxLink(Protocol):
             self.close_link(ErrorCode.KEEPALIVE_TIMEOUT, "keepalive timeout")
             self.abort_link()  # a silent peer will not answer close_notify either
             return
-        if self.mux.state.value == "open":
+        if self.mux.state is LinkState.OPEN:
             self.mux.ping(os.urandom(8))
             self.flush()
         # Check again at the interval, or exactly at the deadline if that is sooner.

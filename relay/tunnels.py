@@ -299,6 +299,9 @@ class TunnelRegistry:
             except CannotListenError:
                 self.allocator.in_use.discard(port)  # held elsewhere: not ours to quarantine
                 continue
+            except BaseException:
+                self.allocator.in_use.discard(port)
+                raise
             endpoint.host, endpoint.port = self.public_host, port
             return
         raise TunnelRequestError(
