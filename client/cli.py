@@ -61,7 +61,8 @@ def _add_common_options(command: argparse.ArgumentParser) -> None:
     relay = command.add_argument_group("relay and agent")
     relay.add_argument("--json", action="store_true", help="print one JSON object per address")
     relay.add_argument("--relay", help="relay agent address HOST:PORT [env TUNNEL_RELAY]")
-    relay.add_argument("--token", help="agent token [env TUNNEL_TOKEN]")
+    relay.add_argument("--token", help="agent token [env TUNNEL_TOKEN]; visible in ps: prefer --token-file")
+    relay.add_argument("--token-file", metavar="FILE", help="read the agent token from FILE")
     relay.add_argument("--ca", help="CA file for the relay's certificate [env TUNNEL_CA]")
     relay.add_argument("--config", metavar="FILE", help="agent TOML file (see the README)")
     relay.add_argument(
@@ -140,7 +141,14 @@ def _settings(args) -> dict:
         return value
 
     relay = pick("relay", "TUNNEL_RELAY")
-    token = pick("token", "TUNNEL_TOKEN")
+    token = args.token
+    if not token and args.token_file:
+        try:
+            with open(args.token_file) as f:
+                token = f.read().strip()
+        except OSError as e:
+            raise ConfigurationError(f"cannot read --token-file {args.token_file}: {e.strerror}") from None
+    token = token or pick("token", "TUNNEL_TOKEN")
     ca = pick("ca", "TUNNEL_CA") or None
     if not relay:
         raise ConfigurationError("no relay address: set TUNNEL_RELAY or pass --relay HOST:PORT")

@@ -33,3 +33,18 @@ def test_json_output_several_ports(relay, echo, agents):
             s.sendall(b"x" * 1000)
             s.shutdown(socket.SHUT_WR)
             assert recv_all(s, 10) == b"x" * 1000
+
+
+def test_token_file(relay, echo, agents, tmp_path):
+    """--token-file reads the token from a file (kept out of ps), instead of TUNNEL_TOKEN."""
+    token_file = tmp_path / "token"
+    token_file.write_text(relay.client_env()["TUNNEL_TOKEN"] + "\n")
+    agent = agents(
+        relay, "forward", str(echo.port), "--unencrypted", "--token-file", str(token_file),
+        env={"TUNNEL_TOKEN": ""},
+    )
+    host, port = agent.address()
+    with connect(port) as s:
+        s.sendall(b"token from a file")
+        s.shutdown(socket.SHUT_WR)
+        assert recv_all(s, 10) == b"token from a file"
