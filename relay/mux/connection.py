@@ -250,7 +250,8 @@ class MuxConnection:
         if not self._data:
             out, self._control = self._control, []
             return out
-        out = self._control + self._data
+        out = self._control
+        out.extend(self._data)
         self._control = []
         self._data = []
         return out

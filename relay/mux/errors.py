@@ -60,11 +60,3 @@ class UnsupportedVersionError(MuxProtocolError):
 class MuxUsageError(MuxError):
     """Local misuse of the API (e.g. writing after FIN). Never on the wire."""
 
-
-# wire code -> exception class, for turning a received GOAWAY into a typed error
-ERRORS_BY_CODE = {
-    ErrorCode.PROTOCOL_ERROR: MuxProtocolError,
-    ErrorCode.FRAME_TOO_LARGE: FrameTooLargeError,
-    ErrorCode.FLOW_CONTROL_ERROR: FlowControlError,
-    ErrorCode.UNSUPPORTED_VERSION: UnsupportedVersionError,
-}

@@ -150,5 +150,5 @@ class FrameDecoder:
         if buf:
             del buf[:offset]
         elif offset < end:
-            buf += view[offset:]
+            buf += memoryview(view)[offset:]  # one copy of the partial tail, not two
         return frames
