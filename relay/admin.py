@@ -12,10 +12,11 @@ from klein import Klein
 class AdminAPI:
     app = Klein()
 
-    def __init__(self, registry, started_at: float, clock):
+    def __init__(self, registry, started_at: float, clock, tls_front=None):
         self.registry = registry
         self.started_at = started_at
         self.clock = clock
+        self.tls_front = tls_front  # TLSFrontFactory: refused-visitor counters
 
     def _json(self, request, body: dict) -> bytes:
         request.setHeader(b"Content-Type", b"application/json")
@@ -24,15 +25,21 @@ class AdminAPI:
 
     @app.route("/healthz", methods=["GET"])
     def healthz(self, request):
-        return self._json(
-            request,
-            {
-                "status": "ok",
-                "uptime_seconds": round(self.clock.seconds() - self.started_at, 3),
-                "agents": len(self.registry.links),
-                "tunnels": len(self.registry.tunnels),
-            },
-        )
+        body = {
+            "status": "ok",
+            "uptime_seconds": round(self.clock.seconds() - self.started_at, 3),
+            "agents": len(self.registry.links),
+            "tunnels": len(self.registry.tunnels),
+        }
+        front = self.tls_front
+        if front is not None:
+            body["tls_port_refused"] = {
+                "unknown_names": front.unknown_names,
+                "bad_hellos": front.bad_hellos,
+                "hello_timeouts": front.hello_timeouts,
+                "failed_handshakes": front.failed_handshakes,
+            }
+        return self._json(request, body)
 
     @app.route("/v1/tunnels", methods=["GET"])
     def tunnels(self, request):

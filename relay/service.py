@@ -17,11 +17,13 @@ import sys
 from twisted.application import service, strports
 from twisted.application.internet import TimerService
 from twisted.internet.endpoints import quoteStringArgument
+from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.python import usage
 from twisted.web.server import Site
 
 from relay.agents import DEFAULT_HANDSHAKE_TIMEOUT_SECONDS, AgentLinkFactory
+from relay.mux import ErrorCode
 from relay.link import (
     DEFAULT_KEEPALIVE_INTERVAL_SECONDS,
     DEFAULT_KEEPALIVE_TIMEOUT_SECONDS,
@@ -188,10 +190,11 @@ class RelayNode(service.MultiService):
             )
 
     def stopService(self):
-        self.registry.close_all()
+        unbound = self.registry.close_all()
         for link in list(self.registry.links):
-            link.close_link()
-        return super().stopService()
+            # Agents reconnect (with backoff) to whatever relay comes back.
+            link.close_link(ErrorCode.NO_ERROR, "relay stopping")
+        return defer.gatherResults([unbound, defer.maybeDeferred(super().stopService)], consumeErrors=True)
 
 
 def makeService(options) -> service.IService:
@@ -245,6 +248,7 @@ def makeService(options) -> service.IService:
         ),
     ).setServiceParent(node)
 
+    tls_front = None
     if o["tls-port"]:
         from relay.tlsfront import TLSContexts, TLSFrontFactory
 
@@ -257,13 +261,14 @@ def makeService(options) -> service.IService:
         contexts = TLSContexts(cert_path, key_path)
         node.tls_contexts = contexts
         tls_endpoint = f"tcp:{o['tls-port']}:interface={q(o['interface'])}:backlog={LISTEN_BACKLOG}"
-        strports.service(tls_endpoint, TLSFrontFactory(registry, contexts, reactor)).setServiceParent(node)
+        tls_front = TLSFrontFactory(registry, contexts, reactor)
+        strports.service(tls_endpoint, tls_front).setServiceParent(node)
         TimerService(o["cert-check-seconds"], contexts.reload_if_changed).setServiceParent(node)
 
     if o["admin-port"]:
         from relay.admin import AdminAPI
 
-        admin = AdminAPI(registry, reactor.seconds(), reactor)
+        admin = AdminAPI(registry, reactor.seconds(), reactor, tls_front=tls_front)
         admin_endpoint = f"tcp:{o['admin-port']}:interface={q(o['admin-interface'])}"
         site = Site(admin.app.resource())
         site.noisy = False

@@ -357,10 +357,11 @@ class TunnelRegistry:
 
     # -- closing -----------------------------------------------------------------
 
-    def close(self, tunnel: Tunnel, why: str) -> None:
-        """End a tunnel now: close its visitors, unbind, quarantine its ports."""
+    def close(self, tunnel: Tunnel, why: str) -> list:
+        """End a tunnel now: close its visitors, unbind, quarantine its ports.
+        Returns the Deferreds of the unbinding."""
         if self.tunnels.get(tunnel.tunnel_id) is not tunnel:
-            return
+            return []
         del self.tunnels[tunnel.tunnel_id]
         if tunnel.grace_call is not None and tunnel.grace_call.active():
             tunnel.grace_call.cancel()
@@ -368,19 +369,24 @@ class TunnelRegistry:
         if tunnel.link is not None:
             tunnel.link.close_visitors(tunnel)
         tunnel.link = None
-        self._release(tunnel)
+        unbinding = self._release(tunnel)
         self._log.info("tunnel {tunnel} closed ({why})", tunnel=tunnel.tunnel_id, why=why)
+        return unbinding
 
-    def _release(self, tunnel: Tunnel) -> None:
+    def _release(self, tunnel: Tunnel) -> list:
+        """Unbind, quarantine, forget hostnames; the Deferreds of the unbinding."""
+        unbinding = []
         for endpoint in tunnel.endpoints:
             if endpoint.listening is not None:
                 d = defer.maybeDeferred(endpoint.listening.stopListening)
                 d.addErrback(lambda f: self._log.failure("stopListening failed", f))
+                unbinding.append(d)
                 endpoint.listening = None
             if endpoint.kind == "tcp" and endpoint.port:
                 self.allocator.release(endpoint.port)
             if endpoint.hostname and self.hostnames.get(endpoint.hostname, (None,))[0] is tunnel:
                 del self.hostnames[endpoint.hostname]
+        return unbinding
 
     def link_lost(self, link, graceful: bool) -> None:
         """A link ended: its tunnels end too (agent said goodbye) or wait in grace."""
@@ -399,9 +405,12 @@ class TunnelRegistry:
                 tunnel=tunnel.tunnel_id, seconds=self.grace_seconds,
             )
 
-    def close_all(self) -> None:
+    def close_all(self) -> defer.Deferred:
+        """End every tunnel; fires once their ports are unbound."""
+        unbinding = []
         for tunnel in list(self.tunnels.values()):
-            self.close(tunnel, "relay stopping")
+            unbinding.extend(self.close(tunnel, "relay stopping"))
+        return defer.DeferredList(unbinding, consumeErrors=True)
 
     # -- views -------------------------------------------------------------------
 
@@ -410,6 +419,8 @@ class TunnelRegistry:
         for tunnel in self.tunnels.values():
             item = tunnel.describe()
             item["state"] = "live" if tunnel.link is not None else "waiting-for-agent"
+            if tunnel.detached_at is not None:
+                item["waiting_seconds"] = round(self.reactor.seconds() - tunnel.detached_at, 3)
             item["agent"] = tunnel.link.session_id if tunnel.link is not None else None
             item["visitors"] = tunnel.link.visitor_count(tunnel) if tunnel.link is not None else 0
             item["streams_total"] = tunnel.streams_total

@@ -275,11 +275,13 @@ def test_unknown_or_missing_sni_gets_unrecognized_name(relay, echo, agents):
     assert port == relay.tls_port and hostname == f"{info['tunnel_id']}.{DOMAIN}"
     assert info["url"] == f"https://{hostname}:{relay.tls_port}"
 
+    refused_before = relay.admin("/healthz")["tls_port_refused"]["unknown_names"]
     for server_name in (["-servername", f"unknown.{DOMAIN}"], ["-noservername"]):
         result = openssl_s_client(relay, *server_name)
         assert result.returncode != 0, result.stdout
         assert "unrecognized name" in result.stderr and "alert number 112" in result.stderr, result.stderr
         assert "no peer certificate available" in result.stdout, result.stdout
+    assert relay.admin("/healthz")["tls_port_refused"]["unknown_names"] == refused_before + 2
 
     with tls_visit(relay, hostname) as s:
         assert_echo(s, b"still serving\n")
