@@ -17,7 +17,7 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from client.errors import ConfigurationError
-from relay.link import set_socket_options
+from relay.tcpio import set_socket_options
 from relay.tlslayer import TLSLayerFactory
 
 CONNECT_TIMEOUT_SECONDS = 10.0

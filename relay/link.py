@@ -28,29 +28,14 @@ from zope.interface import implementer
 from relay.mux import ErrorCode, MuxConnection, MuxProtocolError, MuxUsageError
 from relay.mux.connection import LinkState
 from relay.mux import events as ev
+from relay.tcpio import read_into_shared_buffer, set_socket_options, write_now
+from relay.tlslayer import TLSLayer
 
 DEFAULT_KEEPALIVE_INTERVAL_SECONDS = 10.0
 DEFAULT_KEEPALIVE_TIMEOUT_SECONDS = 30.0
 # Twisted's TLS loseConnection waits for the peer's close_notify forever: a
 # peer that never answers must not keep a dead link around.
 CLOSE_DEADLINE_SECONDS = 5.0
-# Twisted pauses a producer past 64 KiB buffered; on the link that is one read
-# of one stream, so many streams took turns badly. 1 MiB measured 64-stream
-# throughput 2.3x higher and fair (docs/performance.md).
-LINK_WRITE_BUFFER_BYTES = 1024 * 1024
-# Agents and services on loopback handle bursts; 50 (Twisted's default) drops SYNs.
-LISTEN_BACKLOG = 1024
-
-
-def set_socket_options(transport, keepalive: bool = False) -> None:
-    """TCP_NODELAY always (frames and small writes must not wait for Nagle);
-    SO_KEEPALIVE on visitor/service sockets so dead idle peers do not leak."""
-    try:
-        transport.setTcpNoDelay(True)
-        if keepalive:
-            transport.setTcpKeepAlive(True)
-    except (AttributeError, OSError):
-        pass  # not a TCP transport (tests, UNIX sockets)
 
 
 @implementer(IHalfCloseableProtocol, IPushProducer)
@@ -90,7 +75,7 @@ class SplicedConnection(Protocol):
         set_socket_options(self.transport, keepalive=True)
         self.transport.registerProducer(self, True)
         if self.preamble:
-            self.transport.write(self.preamble)
+            write_now(self.transport, self.preamble)
         early, self._early = self._early, []
         for data in early:
             self.deliver(data)
@@ -150,7 +135,7 @@ class SplicedConnection(Protocol):
         if self.transport is None:
             self._early.append(data)  # not connected yet: uncredited, so bounded by the window
             return
-        self.transport.write(data)
+        write_now(self.transport, data)
         if self._write_paused:
             self._uncredited += len(data)
         else:
@@ -255,11 +240,10 @@ class MuxLink(Protocol):
         peer = self.transport.getPeer()
         self.peer = f"{getattr(peer, 'host', '?')}:{getattr(peer, 'port', '?')}"
         set_socket_options(self.transport)
-        # The TCP transport under the link (under TLSLayer, if any) pauses us
-        # past this many buffered bytes: room for one read of many streams.
-        raw = getattr(self.transport, "transport", None) or self.transport
-        if hasattr(raw, "bufferSize"):
-            raw.bufferSize = LINK_WRITE_BUFFER_BYTES
+        if isinstance(self.transport, TLSLayer):
+            # Large reads for bulk, without a large allocation per read; the
+            # TLS layer copies each read into its BIO (tcpio.read_into_shared_buffer).
+            read_into_shared_buffer(self.transport.transport)
         self.transport.registerProducer(self, True)
         self.last_received = self.clock.seconds()
         self._keepalive_call = self.clock.callLater(self.keepalive_interval_seconds, self._keepalive)

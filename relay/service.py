@@ -24,12 +24,9 @@ from twisted.web.server import Site
 
 from relay.agents import DEFAULT_HANDSHAKE_TIMEOUT_SECONDS, AgentLinkFactory
 from relay.mux import ErrorCode
-from relay.link import (
-    DEFAULT_KEEPALIVE_INTERVAL_SECONDS,
-    DEFAULT_KEEPALIVE_TIMEOUT_SECONDS,
-    LISTEN_BACKLOG,
-)
+from relay.link import DEFAULT_KEEPALIVE_INTERVAL_SECONDS, DEFAULT_KEEPALIVE_TIMEOUT_SECONDS
 from relay.ports import PortAllocator
+from relay.tcpio import LISTEN_BACKLOG
 from relay.tlslayer import TLSLayerFactory
 from relay.tunnels import DEFAULT_GRACE_SECONDS, TunnelRegistry
 

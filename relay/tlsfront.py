@@ -30,7 +30,7 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from relay.clienthello import ClientHelloError, ClientHelloReader
-from relay.link import set_socket_options
+from relay.tcpio import set_socket_options
 from relay.tlslayer import TLSLayer
 
 # RFC 8446 6: alert record (21), TLS 1.2 record version, length 2, fatal (2),

@@ -78,15 +78,25 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from relay.tcpio import write_now
+
 DEFAULT_HANDSHAKE_TIMEOUT_SECONDS = 10.0
 # Same deadline as relay.link.CLOSE_DEADLINE_SECONDS: long enough to flush a
 # last response, short enough that a peer that stopped reading cannot pin us.
 DEFAULT_CLOSE_TIMEOUT_SECONDS = 5.0
-# What one SSLObject.read() may return; OpenSSL returns one record (<= 16 KiB).
-READ_BYTES = 256 * 1024
+# A TLS record carries at most 16 KiB of plaintext (RFC 8446 5.1), and
+# SSLObject.read() returns at most one record.
+RECORD_BYTES = 16 * 1024
 # Decrypted bytes joined into one inner.dataReceived; a Twisted TCP read is
 # 64 KiB, so this cap matters only when a caller hands us a large buffer.
 DELIVER_BYTES = 256 * 1024
+# Records are decrypted into this one buffer and copied out once per delivery.
+# SSLObject.read(n) allocates n bytes per call: with n above glibc's mmap
+# threshold (128 KiB) that was an mmap, mremap and munmap per record. One
+# buffer serves every layer: the reactor is single-threaded, and the bytes
+# are copied out before the inner protocol (which may read another layer) runs.
+_SCRATCH = bytearray(DELIVER_BYTES + RECORD_BYTES)
+_SCRATCH_VIEW = memoryview(_SCRATCH)
 
 
 class _Phase(enum.Enum):
@@ -198,7 +208,7 @@ class TLSLayer(Protocol):
                 self._read_plaintext()
             # Reading can queue records too (TLS 1.3 KeyUpdate answers, alerts).
             if self._outgoing.pending:
-                self.transport.write(self._outgoing.read())
+                write_now(self.transport, self._outgoing.read())
         elif phase is _Phase.HANDSHAKING:
             self._incoming.write(data)
             self._continue_handshake()
@@ -293,28 +303,33 @@ class TLSLayer(Protocol):
     def _read_plaintext(self) -> None:
         """Deliver decrypted bytes until ssl needs more ciphertext, the visitor's
         stream ends, TLS fails, or the inner pauses or closes us."""
-        read = self._sslobj.read
+        sslobj = self._sslobj
+        read = sslobj.read
+        incoming = self._incoming
         deliver = self._inner.dataReceived
         while True:
-            chunks = []
             size = 0
             end = None
             try:
                 while size < DELIVER_BYTES:
-                    chunk = read(READ_BYTES)
-                    if not chunk:  # close_notify while ours is unsent
+                    n = read(RECORD_BYTES, _SCRATCH_VIEW[size : size + RECORD_BYTES])
+                    if not n:  # close_notify while ours is unsent
                         end = _EOF
                         break
-                    chunks.append(chunk)
-                    size += len(chunk)
+                    size += n
+                    if not incoming.pending and not sslobj.pending():
+                        # Nothing left to decrypt: skip the read that would
+                        # raise SSLWantReadError (an exception per delivery).
+                        end = _WANT_READ
+                        break
             except ssl.SSLWantReadError:
                 end = _WANT_READ
             except ssl.SSLZeroReturnError:  # close_notify after ours
                 end = _EOF
             except ssl.SSLError as e:
                 end = e
-            if chunks:
-                deliver(chunks[0] if len(chunks) == 1 else b"".join(chunks))
+            if size:
+                deliver(bytes(_SCRATCH_VIEW[:size]))
             if self._phase is not _Phase.OPEN or self._read_done:
                 return  # the inner closed us, or a nested resumeProducing read to the end
             if end is None:
@@ -365,7 +380,7 @@ class TLSLayer(Protocol):
         except ssl.SSLError as e:
             self._tls_failed(e)
             return
-        self.transport.write(self._outgoing.read())
+        write_now(self.transport, self._outgoing.read())
 
     def writeSequence(self, data) -> None:
         self.write(b"".join(data))
@@ -504,7 +519,7 @@ class TLSLayer(Protocol):
 
     def _flush(self) -> None:
         if self._outgoing.pending:
-            self.transport.write(self._outgoing.read())
+            write_now(self.transport, self._outgoing.read())
 
     def _move(self, event: str) -> None:
         try:

@@ -33,7 +33,7 @@ from twisted.internet.error import CannotListenError
 from twisted.internet.protocol import ServerFactory
 from twisted.logger import Logger
 
-from relay.link import LISTEN_BACKLOG
+from relay.tcpio import LISTEN_BACKLOG
 from relay.ports import NoFreePortError, PortAllocator
 
 DEFAULT_GRACE_SECONDS = 60.0

@@ -194,7 +194,8 @@ class MuxConnection:
     def send(self, stream_id: int, data: bytes) -> int:
         """Queue as much of `data` as the window allows; return the count taken."""
         stream = self._stream_for_send(stream_id)
-        stream.transition(StreamInput.SEND_DATA)
+        if stream.state is not StreamState.OPEN:  # OPEN stays OPEN: skip the table (hot path)
+            stream.transition(StreamInput.SEND_DATA)
         n = min(len(data), stream.send_window)
         if n == 0:
             return 0
@@ -372,7 +373,8 @@ class MuxConnection:
         stream = self._peer_stream(stream_id, "DATA")
         if stream is None:
             return None
-        stream.transition(StreamInput.RECV_DATA)
+        if stream.state is not StreamState.OPEN:  # OPEN stays OPEN: skip the table (hot path)
+            stream.transition(StreamInput.RECV_DATA)
         if not stream.recv.received(len(payload)):
             raise FlowControlError(
                 f"stream {stream_id}: {len(payload)} bytes past a window of {stream.recv.remaining}"
