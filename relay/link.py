@@ -82,7 +82,7 @@ class SplicedConnection(Protocol):
         self.update_reading()
         if self._peer_fin:
             self._half_close()
-        self.link.flush()
+        self.link.flush_soon()
 
     def dataReceived(self, data: bytes):
         if not self.stream_open:
@@ -92,13 +92,13 @@ class SplicedConnection(Protocol):
         else:
             self._stash = data
         self.push()
-        self.link.flush()
+        self.link.flush_soon()
 
     def readConnectionLost(self):
         self._read_closed = True
         self._eof_pending = True
         self.push()
-        self.link.flush()
+        self.link.flush_soon()
         self._close_if_done()
 
     def writeConnectionLost(self):
@@ -123,7 +123,7 @@ class SplicedConnection(Protocol):
         if self._uncredited and self.stream_open:
             self.link.mux.consumed(self.stream_id, self._uncredited)
             self._uncredited = 0
-            self.link.flush()
+            self.link.flush_soon()
 
     def stopProducing(self):
         self._write_paused = True
@@ -222,6 +222,8 @@ class MuxLink(Protocol):
         self._keepalive_call = None
         self._close_deadline = None
         self._resume_turn = 0
+        self._at_turn_end = getattr(clock, "call_at_turn_end", None)
+        self._flush_queued = False
         self._handlers = {
             ev.HelloReceived: self._on_hello_event,
             ev.ControlReceived: self._on_control_event,
@@ -268,7 +270,7 @@ class MuxLink(Protocol):
             self._log.warn("closing link {peer}: {error}", peer=self.peer, error=e)
             self.close_link(e.code, str(e))
             return
-        self.flush()
+        self.flush_soon()
 
     def connectionLost(self, reason):
         self.closed = True
@@ -299,7 +301,7 @@ class MuxLink(Protocol):
                 self._resume_turn += 1
                 for splice in splices[first:] + splices[:first]:
                     splice.push()
-            self.flush()
+            self.flush_soon()
 
     def stopProducing(self):
         self.paused = True
@@ -307,8 +309,23 @@ class MuxLink(Protocol):
     # -- commands -------------------------------------------------------------
 
     def flush(self) -> None:
+        """Write every queued frame now."""
         if self.mux.has_outgoing() and self.transport is not None:
             self.transport.writeSequence(self.mux.outgoing())
+
+    def flush_soon(self) -> None:
+        """Write queued frames once this reactor turn's events are handled, in
+        one TLS write and one send() for all of them (relay.reactor); at once
+        on a reactor without that hook."""
+        if self._at_turn_end is None:
+            self.flush()
+        elif not self._flush_queued:
+            self._flush_queued = True
+            self._at_turn_end(self._turn_end_flush)
+
+    def _turn_end_flush(self) -> None:
+        self._flush_queued = False
+        self.flush()
 
     def close_link(self, code: ErrorCode | None = None, message: str = "") -> None:
         """Send GOAWAY (if not already queued) and close, with a deadline."""
@@ -341,7 +358,7 @@ class MuxLink(Protocol):
             del self.splices[splice.stream_id]
         if splice.stream_open and splice.stream_id in self.mux.streams and not self.closed:
             self.mux.reset(splice.stream_id, ErrorCode.CANCEL, "connection closed")
-            self.flush()
+            self.flush_soon()
         splice.stream_open = False
 
     # -- keepalive --------------------------------------------------------------
