@@ -15,8 +15,8 @@ import ssl
 
 from twisted.application.internet import ClientService
 from twisted.internet import defer
-from twisted.internet.endpoints import HostnameEndpoint, TCP4ClientEndpoint, TCP6ClientEndpoint
-from twisted.internet.protocol import Factory
+from twisted.internet.endpoints import HostnameEndpoint, TCP4ClientEndpoint
+from twisted.internet.protocol import ClientFactory, Factory
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -183,6 +183,16 @@ class AgentLink(MuxLink):
                 self.mux.reset(stream_id, ErrorCode.CONNECT_FAILED, "service unreachable")
                 self.flush()
 
+        address = self.agent.known_address(service)
+        if address is not None:
+            # The address that worked last time: reactor.connectTCP straight to
+            # it, without an endpoint's Deferred chain and wrapping protocol
+            # (a third of the agent's CPU per visitor at 2,000 connections/s).
+            host, port = address
+            self.agent.reactor.connectTCP(
+                host, port, _SpliceConnector(splice, failed), timeout=SERVICE_CONNECT_TIMEOUT_SECONDS
+            )
+            return
         try:
             endpoint = self.agent.service_endpoint(service)
         except Exception as e:  # e.g. an agent-side TLS listener that could not start
@@ -216,6 +226,22 @@ class _SpliceFactory(Factory):
 
     def buildProtocol(self, addr):
         return self.splice
+
+
+class _SpliceConnector(ClientFactory):
+    """reactor.connectTCP's factory for one visitor's service connection."""
+
+    noisy = False
+
+    def __init__(self, splice: SplicedConnection, failed):
+        self.splice = splice
+        self.failed = failed
+
+    def buildProtocol(self, addr):
+        return self.splice
+
+    def clientConnectionFailed(self, connector, reason):
+        self.failed(reason)
 
 
 class _AgentLinkFactory(Factory):
@@ -278,7 +304,7 @@ class TunnelAgent:
         self._next_request_id = 1
         self._service: ClientService | None = None
         self._link_gone: defer.Deferred | None = None
-        self._resolved: dict[ServiceSpec, object] = {}
+        self._resolved: dict[ServiceSpec, tuple[str, int]] = {}
         self._terminators: dict[ServiceSpec, object] = {}  # service -> its AgentTLSTerminator
 
     @property
@@ -311,26 +337,23 @@ class TunnelAgent:
 
     # -- services ---------------------------------------------------------------------
 
+    def known_address(self, service: ServiceSpec) -> tuple[str, int] | None:
+        """The IP address and port that reached this service last time, so a
+        visitor costs no name resolution; None until one connection worked."""
+        return self._resolved.get(service)
+
     def service_endpoint(self, service: ServiceSpec):
-        """Where to connect for a visitor: the address that worked last time
-        (no name resolution per stream), else the name as given; for a
-        passthrough service the agent terminates, its loopback TLS listener."""
+        """Where to connect for a visitor whose service has no known address:
+        the name as given; for a passthrough service the agent terminates, its
+        loopback TLS listener."""
         if service.tls_files:
             return self._terminator_endpoint(service)
-        endpoint = self._resolved.get(service)
-        if endpoint is None:
-            endpoint = HostnameEndpoint(
-                self.reactor, service.host, service.port, timeout=SERVICE_CONNECT_TIMEOUT_SECONDS
-            )
-        return endpoint
+        return HostnameEndpoint(self.reactor, service.host, service.port, timeout=SERVICE_CONNECT_TIMEOUT_SECONDS)
 
     def remember_address(self, service: ServiceSpec, address) -> None:
         host = getattr(address, "host", None)
-        if host and service not in self._resolved:
-            endpoint_class = TCP6ClientEndpoint if ":" in host else TCP4ClientEndpoint
-            self._resolved[service] = endpoint_class(
-                self.reactor, host, service.port, timeout=SERVICE_CONNECT_TIMEOUT_SECONDS
-            )
+        if host and not service.tls_files and service not in self._resolved:
+            self._resolved[service] = (host, service.port)
 
     def forget_address(self, service: ServiceSpec) -> None:
         self._resolved.pop(service, None)
