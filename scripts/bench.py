@@ -744,13 +744,19 @@ def w_iperf(ctx: Context, stack: Stack, res: Results) -> None:
     if ep is None:
         return
     seconds = ctx.p["iperf_seconds"]
-    out = subprocess.run(
-        [ctx.tools["iperf3"], "-c", ep.host, "-p", str(ep.port), "-t", str(seconds), "-J",
-         "--connect-timeout", "10000"],
-        capture_output=True, text=True, timeout=seconds + 30, stdin=subprocess.DEVNULL,
-    )
-    report = json.loads(out.stdout)
-    if "error" in report:
+    # One iperf3 server serves every path, one test at a time: right after the
+    # previous path's test it may still answer "busy". Try again, briefly.
+    for attempt in range(4):
+        out = subprocess.run(
+            [ctx.tools["iperf3"], "-c", ep.host, "-p", str(ep.port), "-t", str(seconds), "-J",
+             "--connect-timeout", "10000"],
+            capture_output=True, text=True, timeout=seconds + 30, stdin=subprocess.DEVNULL,
+        )
+        report = json.loads(out.stdout)
+        if "error" not in report:
+            break
+        time.sleep(0.5 * (attempt + 1))
+    else:
         raise RuntimeError(f"iperf3: {report['error']}")
     res.add("bulk_up_iperf3_MBps", stack.name, report["end"]["sum_received"]["bits_per_second"] / 8e6)
 
