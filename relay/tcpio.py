@@ -62,6 +62,30 @@ def write_now(transport, data: bytes) -> None:
         transport.write(data[sent:])
 
 
+def write_sequence_now(transport, chunks: list) -> None:
+    """``transport.writeSequence(chunks)``, sent at once in one ``sendmsg``
+    (no join) when the transport is idle."""
+    sock = _idle_socket(transport)
+    if sock is None:
+        transport.writeSequence(chunks)
+        return
+    try:
+        sent = sock.sendmsg(chunks)
+    except (BlockingIOError, InterruptedError):
+        sent = 0
+    except OSError:
+        transport.writeSequence(chunks)
+        return
+    for i, chunk in enumerate(chunks):
+        if sent < len(chunk):
+            rest = chunks[i:]
+            if sent:
+                rest[0] = chunk[sent:]
+            transport.writeSequence(rest)
+            return
+        sent -= len(chunk)
+
+
 # One link read: a 1 MiB recv measured 1.3-1.7x the bulk throughput of
 # Twisted's 64 KiB (fewer reactor turns per byte), but recv(1 MiB) allocates
 # 1 MiB per call: an mmap, page faults, mremap and munmap that cost a small

@@ -78,7 +78,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from relay.tcpio import write_now
+from relay.tcpio import write_now, write_sequence_now
 
 DEFAULT_HANDSHAKE_TIMEOUT_SECONDS = 10.0
 # Same deadline as relay.link.CLOSE_DEADLINE_SECONDS: long enough to flush a
@@ -87,15 +87,22 @@ DEFAULT_CLOSE_TIMEOUT_SECONDS = 5.0
 # A TLS record carries at most 16 KiB of plaintext (RFC 8446 5.1), and
 # SSLObject.read() returns at most one record.
 RECORD_BYTES = 16 * 1024
-# Decrypted bytes joined into one inner.dataReceived; a Twisted TCP read is
-# 64 KiB, so this cap matters only when a caller hands us a large buffer.
-DELIVER_BYTES = 256 * 1024
-# Records are decrypted into this one buffer and copied out once per delivery.
-# SSLObject.read(n) allocates n bytes per call: with n above glibc's mmap
-# threshold (128 KiB) that was an mmap, mremap and munmap per record. One
-# buffer serves every layer: the reactor is single-threaded, and the bytes
-# are copied out before the inner protocol (which may read another layer) runs.
-_SCRATCH = bytearray(DELIVER_BYTES + RECORD_BYTES)
+# Decrypted bytes handed to inner.dataReceived at once: up to 256 KiB as a
+# memoryview to an inner protocol that copies what it keeps (its class sets
+# ``accepts_memoryview = True``: the mux link), else 64 KiB as bytes.
+# Allocations above glibc's mmap threshold (128 KiB) cost an mmap, a page
+# fault per 4 KiB and a munmap each: every buffer on the data path stays
+# below it or is reused.
+DELIVER_VIEW_BYTES = 256 * 1024
+DELIVER_BYTES = 64 * 1024
+# Plaintext encrypted per SSLObject.write when the inner writes a sequence
+# (a turn's frames of many streams): the ciphertext pieces go out in one
+# sendmsg, with no join of the whole turn.
+ENCRYPT_BYTES = 64 * 1024
+# Records are decrypted into this one buffer. SSLObject.read(n) allocates n
+# bytes per call. One buffer serves every layer: the reactor is
+# single-threaded, and a delivery is used or copied before the next read.
+_SCRATCH = bytearray(DELIVER_VIEW_BYTES + RECORD_BYTES)
 _SCRATCH_VIEW = memoryview(_SCRATCH)
 
 
@@ -307,11 +314,13 @@ class TLSLayer(Protocol):
         read = sslobj.read
         incoming = self._incoming
         deliver = self._inner.dataReceived
+        views = getattr(self._inner, "accepts_memoryview", False)
+        limit = DELIVER_VIEW_BYTES if views else DELIVER_BYTES
         while True:
             size = 0
             end = None
             try:
-                while size < DELIVER_BYTES:
+                while size < limit:
                     n = read(RECORD_BYTES, _SCRATCH_VIEW[size : size + RECORD_BYTES])
                     if not n:  # close_notify while ours is unsent
                         end = _EOF
@@ -329,7 +338,7 @@ class TLSLayer(Protocol):
             except ssl.SSLError as e:
                 end = e
             if size:
-                deliver(bytes(_SCRATCH_VIEW[:size]))
+                deliver(_SCRATCH_VIEW[:size] if views else bytes(_SCRATCH_VIEW[:size]))
             if self._phase is not _Phase.OPEN or self._read_done:
                 return  # the inner closed us, or a nested resumeProducing read to the end
             if end is None:
@@ -371,6 +380,39 @@ class TLSLayer(Protocol):
     def write(self, data: bytes) -> None:
         if self._write_done or self._phase is not _Phase.OPEN or not data:
             return  # like Twisted's transports, writes after a close are dropped
+        if self._encrypt(data):
+            write_now(self.transport, self._outgoing.read())
+
+    def writeSequence(self, data) -> None:
+        """Encrypt about ENCRYPT_BYTES at a time (small pieces joined into one
+        record, large ones not joined at all) and send the ciphertext pieces
+        together, without one allocation the size of the whole sequence."""
+        if self._write_done or self._phase is not _Phase.OPEN:
+            return
+        outgoing = self._outgoing
+        ciphertext = []
+        pending = []
+        size = 0
+        for chunk in data:
+            pending.append(chunk)
+            size += len(chunk)
+            if size >= ENCRYPT_BYTES:
+                if not self._encrypt(pending[0] if len(pending) == 1 else b"".join(pending)):
+                    return
+                ciphertext.append(outgoing.read())
+                pending = []
+                size = 0
+        if size:
+            if not self._encrypt(pending[0] if len(pending) == 1 else b"".join(pending)):
+                return
+            ciphertext.append(outgoing.read())
+        if len(ciphertext) == 1:
+            write_now(self.transport, ciphertext[0])
+        elif ciphertext:
+            write_sequence_now(self.transport, ciphertext)
+
+    def _encrypt(self, data) -> bool:
+        """Queue data's records in the outgoing BIO; False if TLS failed."""
         try:
             written = self._sslobj.write(data)
             if written < len(data):  # not with CPython's SSL modes; kept for safety
@@ -379,11 +421,8 @@ class TLSLayer(Protocol):
                     written += self._sslobj.write(view[written:])
         except ssl.SSLError as e:
             self._tls_failed(e)
-            return
-        write_now(self.transport, self._outgoing.read())
-
-    def writeSequence(self, data) -> None:
-        self.write(b"".join(data))
+            return False
+        return True
 
     def loseWriteConnection(self) -> None:
         """Send close_notify and a TCP FIN; keep reading the visitor."""

@@ -124,6 +124,7 @@ class MuxConnection:
         self._decoder = fr.FrameDecoder(fr.MAX_HELLO_PAYLOAD, stop_after=fr.STOP_AFTER)
         self._control: list[bytes] = []  # goes out ahead of data
         self._data: list[bytes] = []
+        self.queued_data_bytes = 0  # DATA payload bytes queued since the last outgoing()
         self._next_stream_id = 2 if role is Role.RELAY else 1
         self._highest_peer_stream_id = 0
         self.goaway: tuple[ErrorCode | int, str] | None = None
@@ -200,6 +201,7 @@ class MuxConnection:
         if n == 0:
             return 0
         stream.send_window -= n
+        self.queued_data_bytes += n
         out = self._data
         if n <= fr.MAX_DATA_PAYLOAD:
             chunk = data if n == len(data) else data[:n]
@@ -255,6 +257,7 @@ class MuxConnection:
         out.extend(self._data)
         self._control = []
         self._data = []
+        self.queued_data_bytes = 0
         return out
 
     def has_outgoing(self) -> bool:

@@ -12,7 +12,7 @@ import textwrap
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 
-from relay.link import MuxLink, SplicedConnection
+from relay.link import FLUSH_NOW_BYTES, MuxLink, SplicedConnection
 from relay.mux import MuxConnection, Role
 
 SCRIPT = textwrap.dedent(
@@ -137,3 +137,34 @@ def test_link_corks_the_frames_of_one_turn_into_one_write():
     assert data == [b"visitor 0", b"visitor 1", b"visitor 2"]
     clock.end_turn()
     assert len(writes) == 1  # nothing queued, nothing written
+
+
+def test_link_flushes_at_once_past_flush_now_bytes():
+    """A turn that queued FLUSH_NOW_BYTES of DATA writes them at once rather
+    than holding megabytes until the turn ends."""
+    clock = TurnEndClock()
+    link = MuxLink(MuxConnection(Role.RELAY), clock)
+    transport = StringTransport()
+    writes = []
+    transport.writeSequence = lambda seq: writes.append(b"".join(seq))
+    link.makeConnection(transport)
+    peer = MuxConnection(Role.AGENT)
+    peer.send_hello({"token": "x"})
+    link.mux.receive_data(b"".join(peer.outgoing()))
+    link.mux.send_hello({})
+    link.flush()
+    writes.clear()
+    splices = []
+    for _ in range(2):
+        stream_id = link.mux.open_stream({"tunnel": "t"})
+        splice = SplicedConnection(link, stream_id)
+        link.attach_splice(splice)
+        splice.makeConnection(StringTransport())
+        splices.append(splice)
+    half = FLUSH_NOW_BYTES // 2 + 1
+    splices[0].dataReceived(b"x" * half)
+    assert writes == []
+    splices[1].dataReceived(b"y" * half)
+    assert len(writes) == 1 and len(writes[0]) > 2 * half
+    clock.end_turn()
+    assert len(writes) == 1

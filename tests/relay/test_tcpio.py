@@ -12,7 +12,7 @@ from twisted.internet.error import ConnectionDone
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.testing import StringTransport
 
-from relay.tcpio import read_into_shared_buffer, write_now
+from relay.tcpio import read_into_shared_buffer, write_now, write_sequence_now
 
 MIB = 1024 * 1024
 
@@ -175,3 +175,41 @@ def test_shared_read_buffer_leaves_other_transports_alone():
     transport = StringTransport()
     read_into_shared_buffer(transport)
     assert "doRead" not in vars(transport)
+
+
+@pytest_twisted.inlineCallbacks
+def test_write_sequence_now_sends_in_order_and_queues_the_rest():
+    """Pieces go out in one sendmsg while the socket takes them; a partly sent
+    piece and the pieces behind it are queued, and everything arrives in order."""
+    from twisted.internet import reactor
+
+    pieces = [os.urandom(n) for n in (10, 70000, 1, 3 * MIB, 65536, 5)]
+
+    def on_connect(transport):
+        transport.getHandle().setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 64 * 1024)
+        write_sequence_now(transport, [b"a", b"b"])
+        write_sequence_now(transport, list(pieces))
+        write_sequence_now(transport, [b"y", b"z"])
+        transport.loseConnection()
+
+    server = Server(on_connect)
+    port = listen(reactor, server)
+    expected = b"ab" + b"".join(pieces) + b"yz"
+
+    def client():
+        with socket.create_connection(("127.0.0.1", port.getHost().port), timeout=10) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
+            return recv_exactly(sock, len(expected) + 1)
+
+    try:
+        got = yield threads.deferToThread(client)
+        yield server.lost
+    finally:
+        yield port.stopListening()
+    assert got == expected
+
+
+def test_write_sequence_now_without_a_socket_is_a_plain_write_sequence():
+    transport = StringTransport()
+    write_sequence_now(transport, [b"a", b"bc"])
+    assert transport.value() == b"abc"

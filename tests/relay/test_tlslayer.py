@@ -24,7 +24,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from relay.state import load_or_create
-from relay.tlslayer import TLSLayer
+from relay.tlslayer import DELIVER_BYTES, DELIVER_VIEW_BYTES, RECORD_BYTES, TLSLayer
 
 MIB = 1024 * 1024
 
@@ -157,6 +157,10 @@ class RawTransport(StringTransport):
         self.write_calls += 1
         super().write(data)
 
+    def writeSequence(self, data):
+        self.write_calls += 1
+        super().writeSequence(data)
+
     def loseWriteConnection(self):
         self.write_closed = True
 
@@ -278,14 +282,51 @@ def test_inner_connects_after_handshake_and_4mib_pass_exactly_both_ways(pki):
 
 
 def test_each_inner_write_is_one_raw_write(pki):
-    """write() and writeSequence() hand all their ciphertext to the raw transport in one write."""
+    """write() and writeSequence() hand all their ciphertext to the raw transport in
+    one call (writeSequence: encrypted in ~64 KiB pieces, handed over together)."""
     session = Session(pki).connect()
     before = session.raw.write_calls
     session.layer.write(os.urandom(MIB))
     session.layer.writeSequence([b"a" * 100, b"b" * 70000, b"c"])
-    assert session.raw.write_calls == before + 2
+    session.layer.writeSequence([os.urandom(10)] + [os.urandom(65536) for _ in range(5)])
+    assert session.raw.write_calls == before + 3
     session.to_client()
-    assert len(session.client.read_all()) == MIB + 70101
+    assert len(session.client.read_all()) == MIB + 70101 + 10 + 5 * 65536
+
+
+class ChunkInner(RecordingInner):
+    """Records the type and size of every delivery."""
+
+    def __init__(self):
+        super().__init__()
+        self.chunks = []
+
+    def dataReceived(self, data):
+        self.chunks.append((type(data), len(data)))
+        super().dataReceived(data)
+
+
+class ViewInner(ChunkInner):
+    accepts_memoryview = True  # copies what it keeps, as the mux link does
+
+
+@pytest.mark.parametrize(
+    "inner_class, kind, limit",
+    [(ChunkInner, bytes, DELIVER_BYTES), (ViewInner, memoryview, DELIVER_VIEW_BYTES)],
+)
+def test_deliveries_are_bytes_or_views_as_the_inner_accepts(pki, inner_class, kind, limit):
+    """A large read is delivered in as few calls as the cap allows: views of the
+    shared buffer to an inner that says it copies, bytes (kept below glibc's
+    mmap threshold) to any other; every byte arrives, in order."""
+    session = Session(pki, inner=inner_class()).connect()
+    upload = os.urandom(MIB + 5)
+    session.client.sslobj.write(upload)
+    session.to_server()
+    assert bytes(session.inner.received) == upload
+    assert {t for t, _ in session.inner.chunks} == {kind}
+    sizes = [n for _, n in session.inner.chunks]
+    assert max(sizes) <= limit + RECORD_BYTES
+    assert len(sizes) <= len(upload) // limit + 2
 
 
 @pytest.mark.parametrize("split", ["whole", "one-byte-at-a-time"])
