@@ -277,7 +277,8 @@ class MuxLink(Protocol):
             self._log.warn("closing link {peer}: {error}", peer=self.peer, error=e)
             self.close_link(e.code, str(e))
             return
-        self.flush_soon()
+        if self.mux.has_outgoing():  # most reads only deliver: nothing to send
+            self.flush_soon()
 
     def connectionLost(self, reason):
         self.closed = True

@@ -181,6 +181,7 @@ class TLSLayer(Protocol):
         self._incoming = ssl.MemoryBIO()
         self._outgoing = ssl.MemoryBIO()
         self._sslobj: ssl.SSLObject | None = None
+        self._ssl = None
         self._handshake_completed = False
         self._read_done = False  # visitor -> inner ended (EOF delivered to inner)
         self._write_done = False  # inner -> visitor ended (close_notify queued)
@@ -199,6 +200,9 @@ class TLSLayer(Protocol):
             self._incoming, self._outgoing,
             server_side=self._server_side, server_hostname=self._server_hostname,
         )
+        # The C object behind ssl.SSLObject (same methods and errors): the
+        # data path calls it directly, one Python frame less per record.
+        self._ssl = getattr(self._sslobj, "_sslobj", self._sslobj)
         self._handshake_call = self._clock.callLater(
             self._handshake_timeout_seconds, self._handshake_timed_out
         )
@@ -310,7 +314,7 @@ class TLSLayer(Protocol):
     def _read_plaintext(self) -> None:
         """Deliver decrypted bytes until ssl needs more ciphertext, the visitor's
         stream ends, TLS fails, or the inner pauses or closes us."""
-        sslobj = self._sslobj
+        sslobj = self._ssl
         read = sslobj.read
         incoming = self._incoming
         deliver = self._inner.dataReceived
@@ -414,11 +418,11 @@ class TLSLayer(Protocol):
     def _encrypt(self, data) -> bool:
         """Queue data's records in the outgoing BIO; False if TLS failed."""
         try:
-            written = self._sslobj.write(data)
+            written = self._ssl.write(data)
             if written < len(data):  # not with CPython's SSL modes; kept for safety
                 view = memoryview(data)
                 while written < len(data):
-                    written += self._sslobj.write(view[written:])
+                    written += self._ssl.write(view[written:])
         except ssl.SSLError as e:
             self._tls_failed(e)
             return False

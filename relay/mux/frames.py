@@ -120,6 +120,15 @@ class FrameDecoder:
 
     def feed(self, data: bytes) -> list[tuple[int, int, int, bytes]]:
         buf = self._buffer
+        if not buf and len(data) >= HEADER_SIZE:
+            # Fast path: the read is exactly one whole frame (small messages).
+            length, frame_type, flags, stream_id = HEADER.unpack_from(data)
+            if (
+                len(data) == HEADER_SIZE + length
+                and length <= self.max_payload
+                and frame_type in FRAME_TYPES
+            ):
+                return [(frame_type, flags, stream_id, bytes(data[HEADER_SIZE:]))]
         if buf:
             buf += data
             view = buf
