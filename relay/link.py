@@ -154,7 +154,13 @@ class SplicedConnection(Protocol):
         # No DATA follows a FIN, so no credit is owed: drop the producer first,
         # or a paused one makes Twisted skip the shutdown once the buffer drains.
         self.transport.unregisterProducer()
-        self.transport.loseWriteConnection()
+        if self._read_closed:
+            # The local side's EOF came first: with our FIN both directions are
+            # done, so close in one step (half-close, then close, took Twisted
+            # two more reactor turns per connection). Buffered bytes still go first.
+            self.transport.loseConnection()
+        else:
+            self.transport.loseWriteConnection()
 
     def window_opened(self) -> None:
         self.push()

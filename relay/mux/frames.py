@@ -62,8 +62,13 @@ def encode(frame_type: int, stream_id: int, payload: bytes = b"", flags: int = 0
     return HEADER.pack(len(payload), frame_type, flags, stream_id) + payload
 
 
+# json.dumps with any option builds a new encoder per call: one, reused (an
+# OPEN per visitor connection is on the new-connection path).
+_JSON = json.JSONEncoder(separators=(",", ":"))
+
+
 def encode_json(frame_type: int, stream_id: int, obj: dict) -> bytes:
-    return encode(frame_type, stream_id, json.dumps(obj, separators=(",", ":")).encode())
+    return encode(frame_type, stream_id, _JSON.encode(obj).encode())
 
 
 def encode_window_update(stream_id: int, increment: int) -> bytes:
