@@ -10,6 +10,8 @@ straight away (asyncio's transports do the same) and queue only what it did
 not take, in order, behind Twisted's usual buffering and backpressure.
 """
 
+import threading
+
 from twisted.internet.main import CONNECTION_LOST as _CONNECTION_LOST
 
 LISTEN_BACKLOG = 1024  # agents and services on loopback burst; Twisted's 50 drops SYNs
@@ -35,6 +37,8 @@ def _idle_socket(transport):
     if (
         not transport.connected
         or transport.disconnecting
+        or getattr(transport, "_aborting", False)
+        or getattr(transport, "TLS", False)  # after startTLS the socket carries ciphertext
         or transport._writeDisconnecting
         or transport._writeDisconnected
         or transport.offset != len(transport.dataBuffer)
@@ -91,33 +95,58 @@ def write_sequence_now(transport, chunks: list) -> None:
 # 1 MiB per call: an mmap, page faults, mremap and munmap that cost a small
 # message as much as its whole hop. recv_into one reused buffer has neither cost.
 LINK_READ_BYTES = 1024 * 1024
-_LINK_READ_VIEW = memoryview(bytearray(LINK_READ_BYTES))
+_per_thread = threading.local()  # one buffer per reactor thread (forward() runs its own)
 
 
-def read_into_shared_buffer(transport) -> None:
+def _link_read_view() -> memoryview:
+    view = getattr(_per_thread, "link_read", None)
+    if view is None:
+        view = _per_thread.link_read = memoryview(bytearray(LINK_READ_BYTES))
+    return view
+
+
+def read_into_shared_buffer(transport, deliver=None) -> None:
     """Make a Twisted TCP transport read up to LINK_READ_BYTES at a time into
-    one buffer shared by every such transport, handing its protocol a
-    memoryview of the bytes read.
+    one buffer shared by every such transport of this thread, handing a memoryview of the
+    bytes read to `deliver` (default: the transport's protocol).
 
-    Only for protocols that copy what they are given before returning (the
+    Only for receivers that copy what they are given before returning (the
     TLS layer writes it into its BIO at once): the reactor is single-threaded
-    and the next read on any link overwrites the buffer. Other transports are
-    left as they are.
+    and the next read on any link overwrites the buffer. `deliver` lets the
+    agent skip the endpoint's and ClientService's wrapping protocols, which
+    only forward each read; EOF still goes through the transport's protocol.
+    Other transports are left as they are.
     """
     sock = getattr(transport, "socket", None)
     if sock is None or not hasattr(transport, "_dataReceived"):
         return
     recv_into = sock.recv_into
     received = transport._dataReceived
-    view = _LINK_READ_VIEW
+    view = _link_read_view()  # called in the transport's reactor thread
 
-    def doRead():
-        try:
-            n = recv_into(view)
-        except (BlockingIOError, InterruptedError):
+    if deliver is None:
+
+        def doRead():
+            try:
+                n = recv_into(view)
+            except (BlockingIOError, InterruptedError):
+                return None
+            except OSError:
+                return _CONNECTION_LOST
+            return received(view[:n])  # an empty view is EOF, as b"" is
+
+    else:
+
+        def doRead():
+            try:
+                n = recv_into(view)
+            except (BlockingIOError, InterruptedError):
+                return None
+            except OSError:
+                return _CONNECTION_LOST
+            if not n:
+                return received(b"")  # EOF: Twisted's own path to connectionLost
+            deliver(view[:n])
             return None
-        except OSError:
-            return _CONNECTION_LOST
-        return received(view[:n])  # an empty view is EOF, as b"" is
 
     transport.doRead = doRead

@@ -62,6 +62,7 @@ from __future__ import annotations
 import enum
 import re
 import ssl
+import threading
 from collections.abc import Callable
 
 from twisted.internet.error import ConnectionDone
@@ -99,11 +100,19 @@ DELIVER_BYTES = 64 * 1024
 # (a turn's frames of many streams): the ciphertext pieces go out in one
 # sendmsg, with no join of the whole turn.
 ENCRYPT_BYTES = 64 * 1024
-# Records are decrypted into this one buffer. SSLObject.read(n) allocates n
-# bytes per call. One buffer serves every layer: the reactor is
-# single-threaded, and a delivery is used or copied before the next read.
-_SCRATCH = bytearray(DELIVER_VIEW_BYTES + RECORD_BYTES)
-_SCRATCH_VIEW = memoryview(_SCRATCH)
+# Records are decrypted into one buffer per thread (SSLObject.read(n) would
+# allocate n bytes per call). It serves every layer of that thread's reactor:
+# a delivery is used or copied before the next read. Per thread, because
+# forward() runs a private reactor thread next to the caller's reactor, and
+# SSL_read writes into the buffer with the GIL released.
+_per_thread = threading.local()
+
+
+def _scratch_view() -> memoryview:
+    view = getattr(_per_thread, "scratch", None)
+    if view is None:
+        view = _per_thread.scratch = memoryview(bytearray(DELIVER_VIEW_BYTES + RECORD_BYTES))
+    return view
 
 
 class _Phase(enum.Enum):
@@ -320,12 +329,13 @@ class TLSLayer(Protocol):
         deliver = self._inner.dataReceived
         views = getattr(self._inner, "accepts_memoryview", False)
         limit = DELIVER_VIEW_BYTES if views else DELIVER_BYTES
+        scratch = _scratch_view()
         while True:
             size = 0
             end = None
             try:
                 while size < limit:
-                    n = read(RECORD_BYTES, _SCRATCH_VIEW[size : size + RECORD_BYTES])
+                    n = read(RECORD_BYTES, scratch[size : size + RECORD_BYTES])
                     if not n:  # close_notify while ours is unsent
                         end = _EOF
                         break
@@ -342,7 +352,7 @@ class TLSLayer(Protocol):
             except ssl.SSLError as e:
                 end = e
             if size:
-                deliver(_SCRATCH_VIEW[:size] if views else bytes(_SCRATCH_VIEW[:size]))
+                deliver(scratch[:size] if views else bytes(scratch[:size]))
             if self._phase is not _Phase.OPEN or self._read_done:
                 return  # the inner closed us, or a nested resumeProducing read to the end
             if end is None:

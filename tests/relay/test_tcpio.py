@@ -171,6 +171,31 @@ def test_shared_read_buffer_delivers_every_byte_then_eof():
     assert reason is ConnectionDone
 
 
+@pytest_twisted.inlineCallbacks
+def test_shared_read_buffer_can_bypass_wrapping_protocols_but_not_eof():
+    """With `deliver`, reads go straight to it (past wrappers that only
+    forward); EOF still reaches the transport's protocol."""
+    from twisted.internet import reactor
+
+    direct = bytearray()
+    server = Server(lambda transport: read_into_shared_buffer(transport, direct.extend))
+    port = listen(reactor, server)
+    payload = os.urandom(3 * MIB + 1)
+
+    def client():
+        with socket.create_connection(("127.0.0.1", port.getHost().port), timeout=10) as sock:
+            sock.sendall(payload)
+
+    try:
+        yield threads.deferToThread(client)
+        reason = yield server.lost
+    finally:
+        yield port.stopListening()
+    assert bytes(direct) == payload
+    assert server.received == b""  # the protocol saw no data, only the end
+    assert reason is ConnectionDone
+
+
 def test_shared_read_buffer_leaves_other_transports_alone():
     transport = StringTransport()
     read_into_shared_buffer(transport)

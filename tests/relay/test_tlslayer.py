@@ -5,6 +5,7 @@ a StringTransport and a fake clock; one test over real sockets."""
 import os
 import socket
 import ssl
+import sys
 from datetime import datetime, timedelta, timezone
 
 import pytest
@@ -710,3 +711,51 @@ def test_real_socket_echo_and_half_close(pki):
     assert lost is ConnectionDone
     assert failures == []
     assert len(inners) == 1
+
+
+def test_two_reactor_threads_never_share_a_decrypt_buffer(pki):
+    """forward() runs a private reactor thread next to the caller's reactor:
+    two threads decrypting at once each see only their own bytes."""
+    import threading
+
+    corrupted = []
+
+    class LetterInner(RecordingInner):
+        accepts_memoryview = True
+
+        def __init__(self, letter):
+            super().__init__()
+            self.letter = letter
+            self.count = 0
+
+        def dataReceived(self, data):
+            for i in range(0, len(data), 4096):  # Python work while the view is live
+                if bytes(data[i : i + 4096]).strip(self.letter):
+                    corrupted.append(self.letter)
+                    return
+            self.count += len(data)
+
+    def run(letter, results):
+        session = Session(pki, inner=LetterInner(letter)).connect()
+        payload = letter * (256 * 1024)
+        for _ in range(100):
+            session.client.sslobj.write(payload)
+            session.to_server()
+            session.raw.clear()
+            if corrupted:
+                break
+        results[letter] = session.inner.count
+
+    results = {}
+    threads = [threading.Thread(target=run, args=(letter, results)) for letter in (b"A", b"B")]
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # switch threads often, as a busy process would
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+    finally:
+        sys.setswitchinterval(interval)
+    assert corrupted == []
+    assert results == {b"A": 100 * 256 * 1024, b"B": 100 * 256 * 1024}
