@@ -110,8 +110,9 @@ class SplicedConnection(Protocol):
         self._close_if_done()
 
     def _close_if_done(self):
-        # Twisted leaves a half-closed socket open after both halves end.
-        if self._read_closed and self._write_closed:
+        # Twisted leaves a half-closed socket open after both halves end. Our
+        # FIN must be queued too: stashed bytes may still wait for window.
+        if self._read_closed and self._write_closed and not self._eof_pending:
             self.transport.loseConnection()
 
     def connectionLost(self, reason):
@@ -154,10 +155,11 @@ class SplicedConnection(Protocol):
         # No DATA follows a FIN, so no credit is owed: drop the producer first,
         # or a paused one makes Twisted skip the shutdown once the buffer drains.
         self.transport.unregisterProducer()
-        if self._read_closed:
-            # The local side's EOF came first: with our FIN both directions are
-            # done, so close in one step (half-close, then close, took Twisted
-            # two more reactor turns per connection). Buffered bytes still go first.
+        if self._read_closed and not self._eof_pending:
+            # The local side's EOF came first and its FIN is queued: both
+            # directions are done, so close in one step (half-close, then
+            # close, took Twisted two more reactor turns per connection).
+            # Buffered bytes still go first.
             self.transport.loseConnection()
         else:
             self.transport.loseWriteConnection()
@@ -182,6 +184,8 @@ class SplicedConnection(Protocol):
             self._eof_pending = False
             mux.end_stream(self.stream_id)
             self.stream_open = self.stream_id in mux.streams
+            if self._peer_fin and self.transport is not None:
+                self._close_if_done()  # the close waited for this FIN
         self.update_reading()
 
     def update_reading(self) -> None:
@@ -258,7 +262,7 @@ class MuxLink(Protocol):
         if isinstance(self.transport, TLSLayer):
             # Large reads for bulk, without a large allocation per read; the
             # TLS layer copies each read into its BIO (tcpio.read_into_shared_buffer).
-            read_into_shared_buffer(self.transport.transport)
+            read_into_shared_buffer(self.transport.transport, self.transport.dataReceived)
         self.transport.registerProducer(self, True)
         self.last_received = self.clock.seconds()
         self._keepalive_call = self.clock.callLater(self.keepalive_interval_seconds, self._keepalive)
@@ -347,6 +351,7 @@ class MuxLink(Protocol):
             return
         self.closed = True
         if code is not None:
+            self.flush()  # DATA corked this turn goes before the GOAWAY
             self.mux.close(code, message)
         self.flush()
         self._cancel_timers()

@@ -279,3 +279,67 @@ def test_resume_rotates_which_stream_goes_first():
         link.resumeProducing()
     firsts = [order[i * 3] for i in range(3)]
     assert sorted(firsts) == sorted(s.stream_id for s in splices)
+
+
+class HalfCloseTransport(StringTransport):
+    """A StringTransport that records half-close and close like a TCP transport."""
+
+    def __init__(self):
+        super().__init__()
+        self.write_closed = False
+
+    def loseWriteConnection(self):
+        self.write_closed = True
+
+
+def test_peer_fin_never_closes_before_our_stashed_bytes_and_fin_are_sent():
+    """Local data beyond the window, then local EOF, then the peer's FIN before
+    its credit: the socket stays open until the stash and our FIN went out."""
+    clock = Clock()
+    link, transport, peer = handshaken_pair(clock)
+    stream_id = link.mux.open_stream({"tunnel": "t"})
+    splice = SplicedConnection(link, stream_id)
+    link.attach_splice(splice)
+    local = HalfCloseTransport()
+    splice.makeConnection(local)
+    peer.receive_data(transport.value())
+    transport.clear()
+    window = link.mux.send_window(stream_id)
+    splice.dataReceived(b"c" * (window + 10))  # 10 bytes wait in the stash
+    splice.readConnectionLost()  # local EOF: our FIN waits for the stash
+    got = peer.receive_data(transport.value())
+    transport.clear()
+    assert sum(len(e.data) for e in got if isinstance(e, ev.DataReceived)) == window
+    peer.end_stream(stream_id)  # the peer finishes before crediting us
+    link.dataReceived(b"".join(peer.outgoing()))
+    assert not local.disconnecting  # closing now would reset the stream
+    assert local.write_closed  # the peer's FIN became our half-close
+    splice.writeConnectionLost()
+    assert not local.disconnecting
+    peer.consumed(stream_id, window)  # credit comes: stash, then FIN, then the close
+    link.dataReceived(b"".join(peer.outgoing()))
+    got = peer.receive_data(transport.value())
+    assert [type(e) for e in got] == [ev.DataReceived, ev.StreamEnded]
+    assert got[0].data == b"c" * 10
+    assert local.disconnecting
+
+
+def test_goaway_goes_after_data_corked_in_the_same_turn():
+    class TurnEndClock(Clock):
+        def __init__(self):
+            super().__init__()
+            self.turn_end = []
+
+        def call_at_turn_end(self, f):
+            self.turn_end.append(f)
+
+    clock = TurnEndClock()
+    link, transport, peer = handshaken_pair(clock)
+    splice, local = open_splice(link)
+    peer.receive_data(transport.value())
+    transport.clear()
+    splice.dataReceived(b"last words")  # corked until the turn ends
+    link.close_link(ErrorCode.INTERNAL_ERROR, "shutting down")
+    got = peer.receive_data(transport.value())
+    kinds = [type(e) for e in got if type(e) in (ev.DataReceived, ev.GoAwayReceived)]
+    assert kinds == [ev.DataReceived, ev.GoAwayReceived]
