@@ -235,9 +235,12 @@ def _run(args) -> int:
     _raise_open_file_limit()
     _start_logging(args.verbose)
 
-    from relay import reactor as relay_reactor
-
-    relay_reactor.install()  # the turn-end hook batches link writes (relay/reactor.py)
+    try:
+        from relay import reactor as relay_reactor
+    except ImportError:  # no epoll (not Linux): Twisted's default reactor, links flush at once
+        pass
+    else:
+        relay_reactor.install()  # the turn-end hook batches link writes (relay/reactor.py)
     from twisted.internet import reactor
     from twisted.internet.error import ReactorNotRunning
 

@@ -84,3 +84,4 @@ def install() -> None:
     from twisted.internet.main import installReactor
 
     installReactor(RelayReactor())
+

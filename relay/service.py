@@ -86,11 +86,14 @@ class Options(usage.Options):
     ]
 
     def postOptions(self):
-        from relay import reactor as relay_reactor
-
         # twistd installs its default reactor only after parsing: ours goes
         # first unless --reactor chose another (relay/reactor.py).
-        relay_reactor.install()
+        try:
+            from relay import reactor as relay_reactor
+        except ImportError:  # no epoll (not Linux): Twisted's default reactor
+            pass
+        else:
+            relay_reactor.install()
         from_file = {}
         if self["config"]:
             try:
