@@ -376,6 +376,8 @@ class MuxLink(Protocol):
         if self.splices.get(splice.stream_id) is splice:
             del self.splices[splice.stream_id]
         if splice.stream_open and splice.stream_id in self.mux.streams and not self.closed:
+            if self.mux.queued_data_bytes:
+                self.flush()  # DATA corked this turn goes before the RESET (sent ahead of data)
             self.mux.reset(splice.stream_id, ErrorCode.CANCEL, "connection closed")
             self.flush_soon()
         splice.stream_open = False

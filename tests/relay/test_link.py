@@ -343,3 +343,29 @@ def test_goaway_goes_after_data_corked_in_the_same_turn():
     got = peer.receive_data(transport.value())
     kinds = [type(e) for e in got if type(e) in (ev.DataReceived, ev.GoAwayReceived)]
     assert kinds == [ev.DataReceived, ev.GoAwayReceived]
+
+
+def test_reset_goes_after_data_corked_in_the_same_turn():
+    """A local connection that sends its last bytes and dies in the same turn:
+    the peer gets the bytes, then the RESET."""
+    from twisted.internet.error import ConnectionLost
+    from twisted.python.failure import Failure
+
+    class TurnEndClock(Clock):
+        def __init__(self):
+            super().__init__()
+            self.turn_end = []
+
+        def call_at_turn_end(self, f):
+            self.turn_end.append(f)
+
+    clock = TurnEndClock()
+    link, transport, peer = handshaken_pair(clock)
+    splice, local = open_splice(link)
+    splice.dataReceived(b"last bytes")  # corked until the turn ends
+    splice.connectionLost(Failure(ConnectionLost()))
+    for f in clock.turn_end:
+        f()
+    got = peer.receive_data(transport.value())
+    kinds = [type(e) for e in got if type(e) in (ev.DataReceived, ev.StreamReset)]
+    assert kinds == [ev.DataReceived, ev.StreamReset]
