@@ -57,6 +57,22 @@ def frames_of(data: bytes):
     return fr.FrameDecoder(fr.MAX_FRAME_PAYLOAD).feed(data)
 
 
+class TurnEndClock(Clock):
+    """A fake clock with RelayReactor's turn-end hook, run by hand."""
+
+    def __init__(self):
+        super().__init__()
+        self.turn_end = []
+
+    def call_at_turn_end(self, f):
+        self.turn_end.append(f)
+
+    def end_turn(self):
+        calls, self.turn_end = self.turn_end, []
+        for f in calls:
+            f()
+
+
 def test_keepalive_pings_then_declares_silent_link_dead():
     """A link pings every interval and is aborted once nothing arrived for the timeout."""
     clock = Clock()
@@ -325,14 +341,6 @@ def test_peer_fin_never_closes_before_our_stashed_bytes_and_fin_are_sent():
 
 
 def test_goaway_goes_after_data_corked_in_the_same_turn():
-    class TurnEndClock(Clock):
-        def __init__(self):
-            super().__init__()
-            self.turn_end = []
-
-        def call_at_turn_end(self, f):
-            self.turn_end.append(f)
-
     clock = TurnEndClock()
     link, transport, peer = handshaken_pair(clock)
     splice, local = open_splice(link)
@@ -351,21 +359,12 @@ def test_reset_goes_after_data_corked_in_the_same_turn():
     from twisted.internet.error import ConnectionLost
     from twisted.python.failure import Failure
 
-    class TurnEndClock(Clock):
-        def __init__(self):
-            super().__init__()
-            self.turn_end = []
-
-        def call_at_turn_end(self, f):
-            self.turn_end.append(f)
-
     clock = TurnEndClock()
     link, transport, peer = handshaken_pair(clock)
     splice, local = open_splice(link)
     splice.dataReceived(b"last bytes")  # corked until the turn ends
     splice.connectionLost(Failure(ConnectionLost()))
-    for f in clock.turn_end:
-        f()
+    clock.end_turn()
     got = peer.receive_data(transport.value())
     kinds = [type(e) for e in got if type(e) in (ev.DataReceived, ev.StreamReset)]
     assert kinds == [ev.DataReceived, ev.StreamReset]

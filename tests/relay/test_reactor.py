@@ -9,11 +9,11 @@ import subprocess
 import sys
 import textwrap
 
-from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 
 from relay.link import FLUSH_NOW_BYTES, MuxLink, SplicedConnection
 from relay.mux import MuxConnection, Role
+from tests.relay.test_link import TurnEndClock
 
 SCRIPT = textwrap.dedent(
     """
@@ -90,23 +90,8 @@ def test_turn_end_calls_run_after_the_batch_and_never_wait_on_the_poll():
     assert out["failures"] == ["boom"]
 
 
-class TurnEndClock(Clock):
-    """A fake clock with the reactor's turn-end hook, run by hand."""
-
-    def __init__(self):
-        super().__init__()
-        self.turn_end = []
-
-    def call_at_turn_end(self, f):
-        self.turn_end.append(f)
-
-    def end_turn(self):
-        calls, self.turn_end = self.turn_end, []
-        for f in calls:
-            f()
-
-
-def test_link_corks_the_frames_of_one_turn_into_one_write():
+def corked_link():
+    """A handshaken relay link on a TurnEndClock, recording each write, and its peer core."""
     clock = TurnEndClock()
     link = MuxLink(MuxConnection(Role.RELAY), clock)
     transport = StringTransport()
@@ -119,14 +104,23 @@ def test_link_corks_the_frames_of_one_turn_into_one_write():
     link.mux.send_hello({})
     link.flush()
     peer.receive_data(writes.pop())
+    return clock, link, writes, peer
 
+
+def open_splices(link, n):
     splices = []
-    for _ in range(3):
+    for _ in range(n):
         stream_id = link.mux.open_stream({"tunnel": "t"})
         splice = SplicedConnection(link, stream_id)
         link.attach_splice(splice)
         splice.makeConnection(StringTransport())
         splices.append(splice)
+    return splices
+
+
+def test_link_corks_the_frames_of_one_turn_into_one_write():
+    clock, link, writes, peer = corked_link()
+    splices = open_splices(link, 3)
     for i, splice in enumerate(splices):
         splice.dataReceived(b"visitor %d" % i)
     assert writes == []  # nothing yet: the turn is not over
@@ -142,25 +136,8 @@ def test_link_corks_the_frames_of_one_turn_into_one_write():
 def test_link_flushes_at_once_past_flush_now_bytes():
     """A turn that queued FLUSH_NOW_BYTES of DATA writes them at once rather
     than holding megabytes until the turn ends."""
-    clock = TurnEndClock()
-    link = MuxLink(MuxConnection(Role.RELAY), clock)
-    transport = StringTransport()
-    writes = []
-    transport.writeSequence = lambda seq: writes.append(b"".join(seq))
-    link.makeConnection(transport)
-    peer = MuxConnection(Role.AGENT)
-    peer.send_hello({"token": "x"})
-    link.mux.receive_data(b"".join(peer.outgoing()))
-    link.mux.send_hello({})
-    link.flush()
-    writes.clear()
-    splices = []
-    for _ in range(2):
-        stream_id = link.mux.open_stream({"tunnel": "t"})
-        splice = SplicedConnection(link, stream_id)
-        link.attach_splice(splice)
-        splice.makeConnection(StringTransport())
-        splices.append(splice)
+    clock, link, writes, peer = corked_link()
+    splices = open_splices(link, 2)
     half = FLUSH_NOW_BYTES // 2 + 1
     splices[0].dataReceived(b"x" * half)
     assert writes == []
