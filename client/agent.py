@@ -31,9 +31,9 @@ from client.errors import (
 )
 from client.config import ServiceSpec, TunnelSpec, parse_host_port
 from client.proxyheader import proxy_header
-from relay.link import DEFAULT_KEEPALIVE_INTERVAL_SECONDS, DEFAULT_KEEPALIVE_TIMEOUT_SECONDS, MuxLink, SplicedConnection
+from relay.wire.link import DEFAULT_KEEPALIVE_INTERVAL_SECONDS, DEFAULT_KEEPALIVE_TIMEOUT_SECONDS, MuxLink, SplicedConnection
 from relay.mux import ErrorCode, MuxConnection, Role
-from relay.tlslayer import TLSLayerFactory
+from relay.wire.tlslayer import TLSLayerFactory
 
 AGENT_NAME = "tunnel-client/0.1"
 SERVICE_CONNECT_TIMEOUT_SECONDS = 10.0
@@ -408,7 +408,7 @@ class TunnelAgent:
             self.reactor, self.relay_host, self.relay_port, timeout=RELAY_CONNECT_TIMEOUT_SECONDS
         )
         # The agent link's TLS is our stdlib-ssl layer: one C call per frame
-        # (relay/tlslayer.py), and no global reactor behind our back.
+        # (relay/wire/tlslayer.py), and no global reactor behind our back.
         factory = TLSLayerFactory(
             self._client_context(), _AgentLinkFactory(self), self.reactor,
             server_side=False, server_hostname=self.relay_host, verify=self._verify_relay,

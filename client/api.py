@@ -219,7 +219,7 @@ class _ReactorThread:
 
 def _new_reactor():
     try:
-        from relay.reactor import RelayReactor as Reactor  # epoll, with the turn-end hook
+        from relay.wire.reactor import RelayReactor as Reactor  # epoll, with the turn-end hook
     except ImportError:  # not Linux
         from twisted.internet.selectreactor import SelectReactor as Reactor
     return Reactor()

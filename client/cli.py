@@ -236,11 +236,11 @@ def _run(args) -> int:
     _start_logging(args.verbose)
 
     try:
-        from relay import reactor as relay_reactor
+        from relay.wire import reactor as relay_reactor
     except ImportError:  # no epoll (not Linux): Twisted's default reactor, links flush at once
         pass
     else:
-        relay_reactor.install()  # the turn-end hook batches link writes (relay/reactor.py)
+        relay_reactor.install()  # the turn-end hook batches link writes (relay/wire/reactor.py)
     from twisted.internet import reactor
     from twisted.internet.error import ReactorNotRunning
 

@@ -3,7 +3,7 @@
 The relay passes the visitor's TLS through untouched; the agent terminates it
 here, with the service's own certificate, and hands plaintext to the service.
 It is a listener on 127.0.0.1 (an ephemeral port) that the agent's streams
-connect to instead of the service: `TLSLayer` (relay/tlslayer.py) on each
+connect to instead of the service: `TLSLayer` (relay/wire/tlslayer.py) on each
 connection, and a plain TCP splice from its plaintext to the service. The extra
 loopback hop keeps the agent's stream code the same for every kind of tunnel.
 """
@@ -17,8 +17,8 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from client.errors import ConfigurationError
-from relay.tcpio import set_socket_options
-from relay.tlslayer import TLSLayerFactory
+from relay.wire.tcpio import set_socket_options
+from relay.wire.tlslayer import TLSLayerFactory
 
 CONNECT_TIMEOUT_SECONDS = 10.0
 

@@ -1,7 +1,7 @@
 """The tunnel-relay mux protocol, sans-IO: bytes in, events and bytes out.
 
 Stdlib only: no Twisted, no sockets, no clock, no logging. Both the relay and
-the agent drive a `MuxConnection` through the thin adapter in `relay.link`.
+the agent drive a `MuxConnection` through the thin adapter in `relay.wire.link`.
 The wire format is specified in docs/protocol.md.
 """
 

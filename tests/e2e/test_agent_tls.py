@@ -6,7 +6,7 @@ import ssl
 
 import pytest
 
-from relay import state as relay_state
+from relay.node import state as relay_state
 
 
 @pytest.fixture

@@ -25,7 +25,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from twisted.protocols.haproxy._v1parser import V1Parser
 from twisted.protocols.haproxy._v2parser import V2Parser
 
-from relay import state as relay_state
+from relay.node import state as relay_state
 from tests.e2e.harness import (
     AgentProcess,
     EchoServer,
@@ -37,7 +37,7 @@ from tests.e2e.harness import (
 )
 
 DOMAIN = "tunnels.localhost"
-# The relay's CLIENT_HELLO_TIMEOUT_SECONDS (relay/tlsfront.py).
+# The relay's CLIENT_HELLO_TIMEOUT_SECONDS (relay/node/tlsfront.py).
 HELLO_TIMEOUT_SECONDS = 10.0
 
 

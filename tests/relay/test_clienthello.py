@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from relay.clienthello import (
+from relay.node.clienthello import (
     MAX_CLIENT_HELLO_BYTES,
     ClientHelloError,
     ClientHelloReader,

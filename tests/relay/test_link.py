@@ -1,4 +1,4 @@
-"""The Twisted adapter (relay/link.py, relay/agents.py) over in-memory
+"""The Twisted adapter (relay/wire/link.py, relay/node/agents.py) over in-memory
 transports and a fake clock: keepalive, credit, backpressure, handshake."""
 
 import pytest
@@ -6,8 +6,8 @@ from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.logger import capturedLogs
 
-from relay.agents import AgentLinkFactory
-from relay.link import MuxLink, SplicedConnection
+from relay.node.agents import AgentLinkFactory
+from relay.wire.link import MuxLink, SplicedConnection
 from relay.mux import ErrorCode, MuxConnection, Role
 from relay.mux import events as ev
 from relay.mux import frames as fr

@@ -3,7 +3,7 @@
 import pytest
 from twisted.internet.task import Clock
 
-from relay.ports import NoFreePortError, PortAllocator
+from relay.node.ports import NoFreePortError, PortAllocator
 
 
 def test_freed_port_rests_in_quarantine():

@@ -1,4 +1,4 @@
-"""relay.reactor.RelayReactor, run for real in a subprocess (the test process
+"""relay.wire.reactor.RelayReactor, run for real in a subprocess (the test process
 already has pytest-twisted's reactor installed): turn-end calls run after the
 batch's events and before the next wait, timers that queue one do not wait on
 the poll, errors are logged without stopping the loop; and MuxLink corks the
@@ -11,14 +11,14 @@ import textwrap
 
 from twisted.internet.testing import StringTransport
 
-from relay.link import FLUSH_NOW_BYTES, MuxLink, SplicedConnection
+from relay.wire.link import FLUSH_NOW_BYTES, MuxLink, SplicedConnection
 from relay.mux import MuxConnection, Role
 from tests.relay.test_link import TurnEndClock
 
 SCRIPT = textwrap.dedent(
     """
     import json, socket, time
-    from relay import reactor as relay_reactor
+    from relay.wire import reactor as relay_reactor
     relay_reactor.install()
     from twisted.internet import reactor
     from twisted.internet.protocol import Factory, Protocol

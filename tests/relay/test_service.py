@@ -8,7 +8,7 @@ from twisted.application.service import IServiceMaker
 from twisted.plugin import getPlugins
 from twisted.python import usage
 
-from relay.service import Options, makeService
+from relay.node.service import Options, makeService
 
 
 def parse(*args):
@@ -21,7 +21,7 @@ def test_plugin_is_found_as_relay():
     """`twistd relay` resolves to our IServiceMaker."""
     names = {p.tapname: p for p in getPlugins(IServiceMaker)}
     assert "relay" in names
-    assert names["relay"].module == "relay.service"
+    assert names["relay"].module == "relay.node.service"
 
 
 def test_development_defaults_avoid_the_ephemeral_range():
@@ -78,11 +78,11 @@ def test_make_service_builds_without_binding(tmp_path):
 
 
 def test_client_cli_does_not_load_the_server_or_a_reactor():
-    """Importing client.cli leaves relay.service, klein and the reactor out of sys.modules."""
+    """Importing the agent's modules loads nothing of the node (relay.node), nor klein or a reactor."""
     code = (
-        "import sys, client.cli; "
-        "bad = [m for m in ('relay.service', 'relay.tunnels', 'klein', 'twisted.internet.reactor') "
-        "if m in sys.modules]; print(bad)"
+        "import sys, client.cli, client.agent, client.api; "
+        "bad = [m for m in sys.modules if m == 'relay.node' or m.startswith('relay.node.')] + "
+        "[m for m in ('klein', 'twisted.internet.reactor') if m in sys.modules]; print(bad)"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30)
     assert out.stdout.strip() == "[]", out.stderr

@@ -1,4 +1,4 @@
-"""Tests for relay.state: the state folder, its certificates and agent tokens."""
+"""Tests for relay.node.state: the state folder, its certificates and agent tokens."""
 
 import dataclasses
 import hashlib
@@ -18,7 +18,7 @@ from OpenSSL import SSL, crypto
 from service_identity import VerificationError
 from service_identity.pyopenssl import verify_hostname, verify_ip_address
 
-from relay.state import (
+from relay.node.state import (
     check_token,
     hash_token,
     issue_certificate,

@@ -1,4 +1,4 @@
-"""relay.tcpio over real loopback sockets: write_now sends before the reactor
+"""relay.wire.tcpio over real loopback sockets: write_now sends before the reactor
 turns and never reorders bytes; the shared link read buffer delivers every byte
 and the EOF."""
 
@@ -12,7 +12,7 @@ from twisted.internet.error import ConnectionDone
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.testing import StringTransport
 
-from relay.tcpio import read_into_shared_buffer, write_now, write_sequence_now
+from relay.wire.tcpio import read_into_shared_buffer, write_now, write_sequence_now
 
 MIB = 1024 * 1024
 

@@ -1,4 +1,4 @@
-"""TLSLayer (relay/tlslayer.py): the handshake, both half-closes, close
+"""TLSLayer (relay/wire/tlslayer.py): the handshake, both half-closes, close
 deadlines and backpressure, against a client ``ssl.SSLObject`` on memory BIOs,
 a StringTransport and a fake clock; one test over real sockets."""
 
@@ -24,8 +24,8 @@ from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from relay.state import load_or_create
-from relay.tlslayer import DELIVER_BYTES, DELIVER_VIEW_BYTES, RECORD_BYTES, TLSLayer
+from relay.node.state import load_or_create
+from relay.wire.tlslayer import DELIVER_BYTES, DELIVER_VIEW_BYTES, RECORD_BYTES, TLSLayer
 
 MIB = 1024 * 1024
 

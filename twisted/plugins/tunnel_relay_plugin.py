@@ -5,7 +5,7 @@ namespace shared with Twisted itself (docs/core/howto/plugin.rst)."""
 
 from twisted.application.service import ServiceMaker
 
-# relay.service is imported only when twistd actually runs the plugin.
+# relay.node.service is imported only when twistd actually runs the plugin.
 tunnel_relay = ServiceMaker(
-    "tunnel-relay", "relay.service", "A tunnel-relay node.", "relay"
+    "tunnel-relay", "relay.node.service", "A tunnel-relay node.", "relay"
 )

@@ -13,9 +13,9 @@ import secrets
 from twisted.internet.protocol import ServerFactory
 from twisted.logger import Logger
 
-from relay.link import MuxLink, SplicedConnection
+from relay.wire.link import MuxLink, SplicedConnection
 from relay.mux import ErrorCode, MuxConnection, MuxProtocolError, Role
-from relay.tunnels import TunnelRequestError
+from relay.node.tunnels import TunnelRequestError
 
 DEFAULT_HANDSHAKE_TIMEOUT_SECONDS = 10.0
 RELAY_AGENT_NAME = "tunnel-relay/0.1"

@@ -79,10 +79,10 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from relay.tcpio import write_now, write_sequence_now
+from relay.wire.tcpio import write_now, write_sequence_now
 
 DEFAULT_HANDSHAKE_TIMEOUT_SECONDS = 10.0
-# Same deadline as relay.link.CLOSE_DEADLINE_SECONDS: long enough to flush a
+# Same deadline as relay.wire.link.CLOSE_DEADLINE_SECONDS: long enough to flush a
 # last response, short enough that a peer that stopped reading cannot pin us.
 DEFAULT_CLOSE_TIMEOUT_SECONDS = 5.0
 # A TLS record carries at most 16 KiB of plaintext (RFC 8446 5.1), and

@@ -22,13 +22,13 @@ from twisted.logger import Logger
 from twisted.python import usage
 from twisted.web.server import Site
 
-from relay.agents import DEFAULT_HANDSHAKE_TIMEOUT_SECONDS, AgentLinkFactory
+from relay.node.agents import DEFAULT_HANDSHAKE_TIMEOUT_SECONDS, AgentLinkFactory
 from relay.mux import ErrorCode
-from relay.link import DEFAULT_KEEPALIVE_INTERVAL_SECONDS, DEFAULT_KEEPALIVE_TIMEOUT_SECONDS
-from relay.ports import PortAllocator
-from relay.tcpio import LISTEN_BACKLOG
-from relay.tlslayer import TLSLayerFactory
-from relay.tunnels import DEFAULT_GRACE_SECONDS, TunnelRegistry
+from relay.wire.link import DEFAULT_KEEPALIVE_INTERVAL_SECONDS, DEFAULT_KEEPALIVE_TIMEOUT_SECONDS
+from relay.node.ports import PortAllocator
+from relay.wire.tcpio import LISTEN_BACKLOG
+from relay.wire.tlslayer import TLSLayerFactory
+from relay.node.tunnels import DEFAULT_GRACE_SECONDS, TunnelRegistry
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -87,9 +87,9 @@ class Options(usage.Options):
 
     def postOptions(self):
         # twistd installs its default reactor only after parsing: ours goes
-        # first unless --reactor chose another (relay/reactor.py).
+        # first unless --reactor chose another (relay/wire/reactor.py).
         try:
-            from relay import reactor as relay_reactor
+            from relay.wire import reactor as relay_reactor
         except ImportError:  # no epoll (not Linux): Twisted's default reactor
             pass
         else:
@@ -205,7 +205,7 @@ class RelayNode(service.MultiService):
 def makeService(options) -> service.IService:
     from twisted.internet import reactor
 
-    from relay import state as relay_state
+    from relay.node import state as relay_state
 
     raise_open_file_limit()
     o = options
@@ -239,7 +239,7 @@ def makeService(options) -> service.IService:
         keepalive_timeout_seconds=o["keepalive-timeout"],
     )
     q = quoteStringArgument
-    # The agent link's TLS is our stdlib-ssl layer (relay/tlslayer.py: one C
+    # The agent link's TLS is our stdlib-ssl layer (relay/wire/tlslayer.py: one C
     # call per frame instead of Twisted's four), over a plain TCP endpoint.
     agent_tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     agent_tls.minimum_version = ssl.TLSVersion.TLSv1_2
@@ -255,7 +255,7 @@ def makeService(options) -> service.IService:
 
     tls_front = None
     if o["tls-port"]:
-        from relay.tlsfront import TLSContexts, TLSFrontFactory
+        from relay.node.tlsfront import TLSContexts, TLSFrontFactory
 
         if o["cert"]:
             cert_path, key_path = o["cert"], o["key"]
@@ -271,7 +271,7 @@ def makeService(options) -> service.IService:
         TimerService(o["cert-check-seconds"], contexts.reload_if_changed).setServiceParent(node)
 
     if o["admin-port"]:
-        from relay.admin import AdminAPI
+        from relay.node.admin import AdminAPI
 
         admin = AdminAPI(registry, reactor.seconds(), reactor, tls_front=tls_front)
         admin_endpoint = f"tcp:{o['admin-port']}:interface={q(o['admin-interface'])}"

@@ -28,8 +28,8 @@ from zope.interface import implementer
 from relay.mux import ErrorCode, MuxConnection, MuxProtocolError, MuxUsageError
 from relay.mux.connection import LinkState
 from relay.mux import events as ev
-from relay.tcpio import read_into_shared_buffer, set_socket_options, write_now
-from relay.tlslayer import TLSLayer
+from relay.wire.tcpio import read_into_shared_buffer, set_socket_options, write_now
+from relay.wire.tlslayer import TLSLayer
 
 DEFAULT_KEEPALIVE_INTERVAL_SECONDS = 10.0
 DEFAULT_KEEPALIVE_TIMEOUT_SECONDS = 30.0
@@ -216,7 +216,7 @@ class MuxLink(Protocol):
 
     _log = Logger()
     # dataReceived may get a memoryview of a buffer reused after it returns:
-    # the frame decoder copies each payload (relay.tlslayer, relay.tcpio).
+    # the frame decoder copies each payload (relay.wire.tlslayer, relay.wire.tcpio).
     accepts_memoryview = True
 
     def __init__(
@@ -333,7 +333,7 @@ class MuxLink(Protocol):
 
     def flush_soon(self) -> None:
         """Write queued frames once this reactor turn's events are handled, in
-        one TLS write and one send() for all of them (relay.reactor); at once
+        one TLS write and one send() for all of them (relay.wire.reactor); at once
         on a reactor without that hook."""
         if self._at_turn_end is None or self.mux.queued_data_bytes >= FLUSH_NOW_BYTES:
             self.flush()

@@ -1,7 +1,7 @@
 """The relay's shared TLS port: every encrypted tunnel, routed by SNI.
 
 Each visitor's ClientHello is read whole (across TCP segments and TLS
-records; bounded in size by relay.clienthello and in time here), then:
+records; bounded in size by relay.node.clienthello and in time here), then:
 
 - unknown or missing server name: a fatal `unrecognized_name` alert
   (RFC 6066 section 3) and close, never a default tunnel;
@@ -29,9 +29,9 @@ from twisted.internet.protocol import Protocol, ServerFactory
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from relay.clienthello import ClientHelloError, ClientHelloReader
-from relay.tcpio import set_socket_options
-from relay.tlslayer import TLSLayer
+from relay.node.clienthello import ClientHelloError, ClientHelloReader
+from relay.wire.tcpio import set_socket_options
+from relay.wire.tlslayer import TLSLayer
 
 # RFC 8446 6: alert record (21), TLS 1.2 record version, length 2, fatal (2),
 # unrecognized_name (112).

@@ -33,8 +33,8 @@ from twisted.internet.error import CannotListenError
 from twisted.internet.protocol import ServerFactory
 from twisted.logger import Logger
 
-from relay.tcpio import LISTEN_BACKLOG
-from relay.ports import NoFreePortError, PortAllocator
+from relay.wire.tcpio import LISTEN_BACKLOG
+from relay.node.ports import NoFreePortError, PortAllocator
 
 DEFAULT_GRACE_SECONDS = 60.0
 # Ports another process happens to hold are skipped; give up after this many.
