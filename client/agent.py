@@ -27,12 +27,12 @@ from client.errors import (
     RelayVerificationError,
     TunnelError,
     TunnelLostError,
-    request_error,
 )
 from client.config import ServiceSpec, TunnelSpec, parse_host_port
 from client.proxyheader import proxy_header
 from relay.wire.link import DEFAULT_KEEPALIVE_INTERVAL_SECONDS, DEFAULT_KEEPALIVE_TIMEOUT_SECONDS, MuxLink, SplicedConnection
 from relay.mux import ErrorCode, MuxConnection, Role
+from relay.mux import control
 from relay.wire.tlslayer import TLSLayerFactory
 
 AGENT_NAME = "tunnel-client/0.1"
@@ -332,7 +332,7 @@ class TunnelAgent:
         if not was_open or tunnel.tunnel_id is None or link is None or not link.ready or link.closed:
             return defer.succeed(None)  # nothing granted, or the relay frees it when grace ends
         done = defer.Deferred()
-        self._send(link, {"op": "close_tunnel", "tunnel": tunnel.tunnel_id}, done)
+        self._send(link, lambda request_id: control.close_tunnel_request(request_id, tunnel.tunnel_id), done)
         return done
 
     # -- services ---------------------------------------------------------------------
@@ -518,50 +518,54 @@ class TunnelAgent:
 
     # -- control ---------------------------------------------------------------------------
 
-    def _send(self, link: AgentLink, request: dict, waiter) -> None:
+    def _send(self, link: AgentLink, make_request, waiter) -> None:
+        """Send the request `make_request(request_id)`; its reply goes to `waiter`."""
         request_id = self._next_request_id
         self._next_request_id += 1
         self._pending[request_id] = waiter
-        link.mux.send_control(dict(request, id=request_id))
+        link.mux.send_control(make_request(request_id))
         link.flush()
 
+    def _give_back(self, tunnel_id: str) -> None:
+        """Close a tunnel the relay granted that nobody wants any more."""
+        if self.link is not None and not self.link.closed:
+            self._send(self.link, lambda rid: control.close_tunnel_request(rid, tunnel_id), defer.Deferred())
+
     def _request_tunnel(self, link: AgentLink, tunnel: Tunnel) -> None:
-        request = dict(tunnel.spec.wire(), op="open_tunnel")
-        if tunnel.reclaim_secret is not None:
-            request["reclaim"] = {"tunnel": tunnel.tunnel_id, "secret": tunnel.reclaim_secret}
-        self._send(link, request, tunnel)
+        reclaim = (tunnel.tunnel_id, tunnel.reclaim_secret) if tunnel.reclaim_secret is not None else None
+        self._send(link, lambda rid: control.open_tunnel_request(rid, tunnel.spec.wire(), reclaim), tunnel)
 
     def control_reply(self, message: dict) -> None:
-        request_id = message.get("id")
-        waiter = self._pending.pop(request_id, None) if isinstance(request_id, int) else None
+        """A reply from the relay (relay/mux/control.py): a close's, or an open's."""
+        reply = control.parse_reply(message)  # no id: ControlEnvelopeError, the link closes
+        waiter = self._pending.pop(reply.request_id, None)
         if isinstance(waiter, defer.Deferred):  # a close_tunnel reply
             if not waiter.called:
                 waiter.callback(None)
             return
         tunnel = waiter
-        if tunnel is None or tunnel not in self.tunnels:
-            if tunnel is not None and message.get("ok") and self.link is not None:
-                # Closed by our user while the request was in flight: give it back.
-                tunnel_id = (message.get("tunnel") or {}).get("id")
-                if tunnel_id:
-                    self._send(self.link, {"op": "close_tunnel", "tunnel": tunnel_id}, defer.Deferred())
+        if tunnel is None:
+            return  # not ours (or a reply to a link that went away)
+        if tunnel not in self.tunnels:
+            if reply.ok:  # closed by our user while the request was in flight: give it back
+                self._give_back(control.granted_tunnel(reply)[0])
             return
-        if not message.get("ok"):
-            error = message.get("error") or {}
+        if not reply.ok:
             targets = ", ".join(s.target for s in tunnel.spec.services)
-            self._refused(tunnel, request_error(
-                str(error.get("code", "error")),
-                f"the relay refused a tunnel to {targets}: {error.get('message', 'no reason given')}",
-            ))
+            error = reply.error
+            self._refused(tunnel, type(error)(error.code, f"the relay refused a tunnel to {targets}: {error}"))
             return
-        granted = message.get("tunnel") or {}
+        tunnel_id, granted_endpoints, secret = control.granted_tunnel(reply)
+        self._granted(tunnel, tunnel_id, granted_endpoints, secret)
+
+    def _granted(self, tunnel: Tunnel, tunnel_id: str, granted_endpoints: list, secret: str | None) -> None:
         old_urls = tunnel.urls
-        by_name = {e.get("service", ""): e for e in granted.get("endpoints") or []}
+        by_name = {e.get("service", ""): e for e in granted_endpoints}
         new_endpoints = [Endpoint(s, by_name.get(s.name, {})) for s in tunnel.spec.services]
         new_urls = tuple(e.url for e in new_endpoints)
         if old_urls and new_urls != old_urls and tunnel.keep_address:
             # Never a silently different address: give the new one back, end this one.
-            self._send(self.link, {"op": "close_tunnel", "tunnel": granted.get("id")}, defer.Deferred())
+            self._give_back(tunnel_id)
             self.tunnels.remove(tunnel)
             self.tunnels_by_id.pop(tunnel.tunnel_id, None)
             tunnel.status = "closed"
@@ -573,10 +577,10 @@ class TunnelAgent:
             return
         if tunnel.tunnel_id is not None:
             self.tunnels_by_id.pop(tunnel.tunnel_id, None)
-        tunnel.tunnel_id = granted.get("id")
+        tunnel.tunnel_id = tunnel_id
         tunnel.endpoints = new_endpoints
-        if message.get("reclaim_secret"):
-            tunnel.reclaim_secret = message["reclaim_secret"]
+        if secret:
+            tunnel.reclaim_secret = secret
         self.tunnels_by_id[tunnel.tunnel_id] = tunnel
         tunnel.status = "live"
         if not old_urls:

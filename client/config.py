@@ -5,18 +5,16 @@ No Twisted here: the CLI parses and validates before it loads the reactor.
 """
 
 import os
-import re
 import sys
 
 from client.errors import BadServiceNameError, ConfigurationError
+from relay.mux.control import SERVICE_NAME
 
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover
     import tomli as tomllib
 
-# Nebius' rule; all-digit names are reserved for port-addressed services (expose).
-SERVICE_NAME = re.compile(r"[a-z0-9]{1,20}")
 SERVICE_MODES = {"tls": ("tls", "terminate"), "https": ("tls", "terminate"),
                  "passthrough": ("tls", "passthrough"), "tcp": ("tcp", None)}
 PROXY_PROTOCOL_VERSIONS = ("v1", "v2")
@@ -114,11 +112,11 @@ class TunnelSpec:
 def check_service_name(name: str, *, port_addressed: bool = False) -> str:
     if not isinstance(name, str) or not SERVICE_NAME.fullmatch(name):
         raise BadServiceNameError(
-            "bad_service_name", f"bad service name {name!r}: use 1 to 20 characters of a-z and 0-9"
+            None, f"bad service name {name!r}: use 1 to 20 characters of a-z and 0-9"
         )
     if name.isdigit() and not port_addressed:
         raise BadServiceNameError(
-            "bad_service_name",
+            None,
             f"bad service name {name!r}: all-digit names are port names (use `tunnel-client expose --ports`)"
         )
     return name

@@ -13,9 +13,11 @@ import secrets
 from twisted.internet.protocol import ServerFactory
 from twisted.logger import Logger
 
+from relay.mux import ErrorCode, MuxConnection, Role
+from relay.mux import control
+from relay.mux.control import CloseTunnel, OpenTunnel, TunnelRequestError
 from relay.wire.link import MuxLink, SplicedConnection
-from relay.mux import ErrorCode, MuxConnection, MuxProtocolError, Role
-from relay.node.tunnels import TunnelRequestError
+from relay.wire.metrics import NULL_METRICS
 
 DEFAULT_HANDSHAKE_TIMEOUT_SECONDS = 10.0
 RELAY_AGENT_NAME = "tunnel-relay/0.1"
@@ -32,8 +34,10 @@ class RelayLink(MuxLink):
             keepalive_timeout_seconds=factory.keepalive_timeout_seconds,
         )
         self.factory = factory
-        self.registry = factory.registry
+        self.tunnels = factory.tunnels
+        self.metrics = factory.metrics
         self.session_id = secrets.token_hex(4)
+        self._streams_by_tunnel: dict[str, int] = {}  # tunnel id -> live visitor streams
         self.authenticated = False
         self.graceful = False  # the agent said GOAWAY(NO_ERROR): free its tunnels now
         self._handshake_call = None
@@ -52,13 +56,15 @@ class RelayLink(MuxLink):
     def on_hello(self, info: dict):
         if not self.factory.check_token(info.get("token")):
             self._log.warn("agent {peer} refused: bad token", peer=self.peer)
+            self.metrics.auth_failed(self.peer)
             self.close_link(ErrorCode.AUTH_FAILED, "token refused")
             return
         self.authenticated = True
         if self._handshake_call is not None and self._handshake_call.active():
             self._handshake_call.cancel()
         self._handshake_call = None
-        self.registry.links.add(self)
+        self.tunnels.links.add(self)
+        self.metrics.link_up(self.session_id, self.peer)
         self.mux.send_hello(
             {
                 "relay": RELAY_AGENT_NAME,
@@ -71,66 +77,56 @@ class RelayLink(MuxLink):
             agent=self.session_id, peer=self.peer, client=str(info.get("agent", "?"))[:80],
         )
 
-    # -- control requests ----------------------------------------------------------
+    # -- control requests (relay/mux/control.py) ---------------------------------
 
     def on_control(self, message: dict):
-        request_id = message.get("id")
-        if not isinstance(request_id, int):
-            raise MuxProtocolError("control message without an integer id")
-        op = message.get("op")
-        handler = {"open_tunnel": self._open_tunnel, "close_tunnel": self._close_tunnel}.get(op)
-        if handler is None:
-            self._reply_error(request_id, "bad_request", f"unknown op {str(op)[:40]!r}")
-            return
+        # No integer id: ControlEnvelopeError, a MuxProtocolError (GOAWAY).
+        request_id = control.request_id_of(message)
         try:
-            handler(request_id, message)
+            request = control.parse_request(message)
+            if isinstance(request, OpenTunnel):
+                self._open_tunnel(request)
+            elif isinstance(request, CloseTunnel):
+                self.tunnels.close_for_link(self, request.tunnel_id)
+                self._send_reply(control.ok_reply(request_id))
         except TunnelRequestError as e:
-            self._reply_error(request_id, e.code, str(e))
+            self._send_reply(control.error_reply(request_id, e))
 
-    def _reply(self, request_id: int, body: dict) -> None:
+    def _send_reply(self, reply: dict) -> None:
         if self.closed:
             return
-        self.mux.send_control(dict(body, id=request_id, ok=True))
+        self.mux.send_control(reply)
         self.flush()
 
-    def _reply_error(self, request_id: int, code: str, message: str) -> None:
-        if self.closed:
-            return
-        self.mux.send_control({"id": request_id, "ok": False, "error": {"code": code, "message": message}})
-        self.flush()
+    def _open_tunnel(self, request: OpenTunnel) -> None:
+        request_id = request.request_id
 
-    def _open_tunnel(self, request_id: int, message: dict) -> None:
-        reclaim = message.get("reclaim")
-        if isinstance(reclaim, dict):
-            try:
-                tunnel = self.registry.reclaim(self, reclaim.get("tunnel"), reclaim.get("secret"))
-            except TunnelRequestError:
-                pass  # expired: fall through to a fresh tunnel, the agent is told it is new
-            else:
-                self._reply(request_id, {"tunnel": tunnel.describe(), "reclaimed": True})
-                return
+        def reclaimed(tunnel):
+            self._send_reply(control.opened_reply(request_id, tunnel.describe(), reclaimed=True))
+
+        def fresh(failure=None):
+            if failure is not None:
+                failure.trap(TunnelRequestError)  # expired: a fresh tunnel, and the agent is told it is new
+            d = self.tunnels.open_tunnel(self, request)
+            d.addCallbacks(opened, refused)
+            return d
 
         def opened(result):
             tunnel, secret = result
-            self._reply(
-                request_id, {"tunnel": tunnel.describe(), "reclaim_secret": secret, "reclaimed": False}
+            self._send_reply(
+                control.opened_reply(request_id, tunnel.describe(), reclaimed=False, reclaim_secret=secret)
             )
 
-        def failed(failure):
+        def refused(failure):
             failure.trap(TunnelRequestError)
-            self._reply_error(request_id, failure.value.code, str(failure.value))
+            self._send_reply(control.error_reply(request_id, failure.value))
 
-        d = self.registry.open_tunnel(self, message)
-        d.addCallbacks(opened, failed)
+        if request.reclaim is not None:
+            d = self.tunnels.reclaim(self, *request.reclaim)
+            d.addCallbacks(reclaimed, fresh)
+        else:
+            d = fresh()
         d.addErrback(lambda f: self._log.failure("open_tunnel failed", f))
-
-    def _close_tunnel(self, request_id: int, message: dict) -> None:
-        tunnel_id = message.get("tunnel")
-        tunnel = self.registry.tunnels.get(tunnel_id) if isinstance(tunnel_id, str) else None
-        if tunnel is None or tunnel.link is not self:
-            raise TunnelRequestError("unknown_tunnel", "no such tunnel on this link")
-        self.registry.close(tunnel, "agent closed it")
-        self._reply(request_id, {})
 
     # -- visitors --------------------------------------------------------------------
 
@@ -149,7 +145,23 @@ class RelayLink(MuxLink):
         splice = SplicedConnection(self, stream_id)
         splice.tunnel = tunnel
         self.attach_splice(splice)
+        tunnel_id = tunnel.tunnel_id
+        self._streams_by_tunnel[tunnel_id] = self._streams_by_tunnel.get(tunnel_id, 0) + 1
+        self.metrics.stream_opened(tunnel_id, 0.0)
         return splice
+
+    def splice_lost(self, splice) -> None:
+        super().splice_lost(splice)
+        tunnel = getattr(splice, "tunnel", None)
+        if tunnel is not None and not getattr(splice, "counted_closed", False):
+            splice.counted_closed = True
+            tunnel_id = tunnel.tunnel_id
+            left = self._streams_by_tunnel.get(tunnel_id, 0) - 1
+            if left > 0:
+                self._streams_by_tunnel[tunnel_id] = left
+            else:
+                self._streams_by_tunnel.pop(tunnel_id, None)
+            self.metrics.stream_closed(tunnel_id, 0, 0)
 
     def close_visitors(self, tunnel) -> None:
         for stream_id, splice in list(self.splices.items()):
@@ -159,8 +171,9 @@ class RelayLink(MuxLink):
                 splice.abort()
         self.flush()
 
-    def visitor_count(self, tunnel) -> int:
-        return sum(1 for s in self.splices.values() if getattr(s, "tunnel", None) is tunnel)
+    def stream_count(self, tunnel_id: str) -> int:
+        """Live visitor streams of a tunnel on this link."""
+        return self._streams_by_tunnel.get(tunnel_id, 0)
 
     def replace_session(self) -> None:
         """The same agent is back on a new link: drop this one without waiting."""
@@ -183,7 +196,8 @@ class RelayLink(MuxLink):
             self._handshake_call.cancel()
         if self.authenticated:
             self._log.info("agent {agent} link closed", agent=self.session_id)
-            self.registry.link_lost(self, graceful=self.graceful)
+            self.metrics.link_down(self.session_id, "goaway" if self.graceful else "lost")
+            self.tunnels.link_lost(self, graceful=self.graceful)
 
 
 class AgentLinkFactory(ServerFactory):
@@ -196,15 +210,17 @@ class AgentLinkFactory(ServerFactory):
     def __init__(
         self,
         reactor,
-        registry,
+        tunnels,
         check_token,
         *,
+        metrics=NULL_METRICS,
         handshake_timeout_seconds: float = DEFAULT_HANDSHAKE_TIMEOUT_SECONDS,
         keepalive_interval_seconds: float,
         keepalive_timeout_seconds: float,
     ):
         self.reactor = reactor
-        self.registry = registry
+        self.tunnels = tunnels  # relay.node.tunnels.TunnelManager
+        self.metrics = metrics
         self.check_token = check_token
         self.handshake_timeout_seconds = handshake_timeout_seconds
         self.keepalive_interval_seconds = keepalive_interval_seconds

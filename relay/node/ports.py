@@ -62,6 +62,11 @@ class PortAllocator:
     def claim(self, port: int) -> None:
         self.in_use.add(port)
 
+    def unclaim(self, port: int) -> None:
+        """A claimed port that was never bound (another process holds it, or
+        the request failed): free again at once, no quarantine."""
+        self.in_use.discard(port)
+
     def release(self, port: int) -> None:
         if port in self.in_use:
             self.in_use.discard(port)

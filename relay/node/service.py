@@ -25,10 +25,12 @@ from twisted.web.server import Site
 from relay.node.agents import DEFAULT_HANDSHAKE_TIMEOUT_SECONDS, AgentLinkFactory
 from relay.mux import ErrorCode
 from relay.wire.link import DEFAULT_KEEPALIVE_INTERVAL_SECONDS, DEFAULT_KEEPALIVE_TIMEOUT_SECONDS
+from relay.node.listeners import PublicPorts
 from relay.node.ports import PortAllocator
+from relay.node.tunnels import DEFAULT_GRACE_SECONDS, TunnelManager
+from relay.wire.metrics import Counters
 from relay.wire.tcpio import LISTEN_BACKLOG
 from relay.wire.tlslayer import TLSLayerFactory
-from relay.node.tunnels import DEFAULT_GRACE_SECONDS, TunnelRegistry
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -155,11 +157,12 @@ class RelayNode(service.MultiService):
 
     _log = Logger()
 
-    def __init__(self, options, state, registry):
+    def __init__(self, options, state, tunnels: TunnelManager, metrics: Counters):
         super().__init__()
         self.options = options
         self.state = state
-        self.registry = registry
+        self.tunnels = tunnels
+        self.metrics = metrics
 
     tls_contexts = None
 
@@ -195,8 +198,8 @@ class RelayNode(service.MultiService):
             )
 
     def stopService(self):
-        unbound = self.registry.close_all()
-        for link in list(self.registry.links):
+        unbound = self.tunnels.close_all()
+        for link in list(self.tunnels.links):
             # Agents reconnect (with backoff) to whatever relay comes back.
             link.close_link(ErrorCode.NO_ERROR, "relay stopping")
         return defer.gatherResults([unbound, defer.maybeDeferred(super().stopService)], consumeErrors=True)
@@ -218,22 +221,24 @@ def makeService(options) -> service.IService:
     )
     low, high = o["port-range"]
     allocator = PortAllocator(low, high, o["port-quarantine-seconds"], reactor)
-    registry = TunnelRegistry(
+    metrics = Counters()
+    tunnels = TunnelManager(
         reactor,
-        allocator,
-        interface=o["interface"],
+        PublicPorts(reactor, allocator, o["interface"]),
         public_host=o["public-host"],
         domain=o["domain"] if o["tls-port"] else None,
         tls_port=o["tls-port"],
         grace_seconds=o["grace-seconds"],
+        metrics=metrics,
     )
-    node = RelayNode(o, state, registry)
+    node = RelayNode(o, state, tunnels, metrics)
     node.setName("relay")
 
     agent_factory = AgentLinkFactory(
         reactor,
-        registry,
+        tunnels,
         lambda token: relay_state.check_token(state, token),
+        metrics=metrics,
         handshake_timeout_seconds=o["handshake-timeout"],
         keepalive_interval_seconds=o["keepalive-interval"],
         keepalive_timeout_seconds=o["keepalive-timeout"],
@@ -253,7 +258,6 @@ def makeService(options) -> service.IService:
         ),
     ).setServiceParent(node)
 
-    tls_front = None
     if o["tls-port"]:
         from relay.node.tlsfront import TLSContexts, TLSFrontFactory
 
@@ -266,14 +270,14 @@ def makeService(options) -> service.IService:
         contexts = TLSContexts(cert_path, key_path)
         node.tls_contexts = contexts
         tls_endpoint = f"tcp:{o['tls-port']}:interface={q(o['interface'])}:backlog={LISTEN_BACKLOG}"
-        tls_front = TLSFrontFactory(registry, contexts, reactor)
+        tls_front = TLSFrontFactory(tunnels, contexts, reactor, metrics)
         strports.service(tls_endpoint, tls_front).setServiceParent(node)
         TimerService(o["cert-check-seconds"], contexts.reload_if_changed).setServiceParent(node)
 
     if o["admin-port"]:
         from relay.node.admin import AdminAPI
 
-        admin = AdminAPI(registry, reactor.seconds(), reactor, tls_front=tls_front)
+        admin = AdminAPI(tunnels, metrics, reactor.seconds(), reactor)
         admin_endpoint = f"tcp:{o['admin-port']}:interface={q(o['admin-interface'])}"
         site = Site(admin.app.resource())
         site.noisy = False

@@ -31,6 +31,7 @@ from zope.interface import implementer
 
 from relay.node.clienthello import ClientHelloError, ClientHelloReader
 from relay.wire.tcpio import set_socket_options
+from relay.wire.metrics import NULL_METRICS
 from relay.wire.tlslayer import TLSLayer
 
 # RFC 8446 6: alert record (21), TLS 1.2 record version, length 2, fatal (2),
@@ -144,6 +145,10 @@ class SNIRouter(Protocol):
         self.next = None  # the protocol we forward to once routed
         self._reader = ClientHelloReader()
         self._timer = None
+        self._routing = False  # the directory lookup is under way
+        self._early: list[bytes] = []  # bytes that came during the lookup
+        self._eof_early = False
+        self._lost = False
 
     def connectionMade(self):
         set_socket_options(self.transport, keepalive=True)
@@ -151,7 +156,7 @@ class SNIRouter(Protocol):
 
     def _too_slow(self):
         self._timer = None
-        self.factory.hello_timeouts += 1
+        self.factory.refused(None, "hello_timeout")
         self.transport.abortConnection()
 
     def _cancel_timer(self):
@@ -163,30 +168,65 @@ class SNIRouter(Protocol):
         if self.next is not None:
             self.next.dataReceived(data)
             return
+        if self._routing:
+            self._early.append(data)  # bounded: reading is paused while the lookup runs
+            return
         try:
             hello = self._reader.feed(data)
         except ClientHelloError as e:
             self._cancel_timer()
-            self.factory.bad_hellos += 1
+            self.factory.refused(None, "bad_hello")
             self._log.debug("visitor {peer}: {error}", peer=self.transport.getPeer(), error=e)
             self.transport.abortConnection()
             return
         if hello is not None:
             self._cancel_timer()
-            self._route(hello)
+            self._lookup(hello)
 
-    def _route(self, hello):
-        registry = self.factory.registry
-        target = registry.route_hostname(hello.server_name) if hello.server_name else None
-        if target is None:
-            self.factory.unknown_names += 1
-            self.transport.write(UNRECOGNIZED_NAME_ALERT)
-            self.transport.loseConnection()
+    def _lookup(self, hello):
+        """Ask the directory for the tunnel of this name; it may answer later
+        (a shared directory), so reading pauses until it does."""
+        if not hello.server_name:
+            self._refuse_name()
             return
-        tunnel, endpoint = target
+        self._routing = True
+        self.transport.pauseProducing()
+        d = self.factory.tunnels.route_hostname(hello.server_name)
+        d.addCallback(self._routed, hello)
+        d.addErrback(self._lookup_failed)
+
+    def _lookup_failed(self, failure):
+        self._log.failure("hostname lookup failed", failure)
+        if self.transport is not None and not self._lost:
+            self.transport.abortConnection()
+
+    def _routed(self, target, hello):
+        self._routing = False
+        if self._lost:
+            return  # the visitor left while we looked it up
+        if target is None:
+            self._refuse_name()
+            return
+        self.transport.resumeProducing()
+        self._route(hello, *target)
+        early, self._early = self._early, []
+        for data in early:
+            if self.next is None:
+                break
+            self.next.dataReceived(data)
+        if self._eof_early and self.next is not None:
+            self.readConnectionLost()
+
+    def _refuse_name(self):
+        self.factory.refused(None, "unknown_name")
+        self.transport.write(UNRECOGNIZED_NAME_ALERT)
+        self.transport.loseConnection()
+
+    def _route(self, hello, tunnel, endpoint):
+        tunnels = self.factory.tunnels
         peer, local = self.transport.getPeer(), self.transport.getHost()
         if endpoint.mode == "passthrough":
-            splice = registry.visitor_protocol(tunnel, endpoint, peer, local, hello.server_name)
+            splice = tunnels.visitor_protocol(tunnel, endpoint, peer, local, hello.server_name)
             if splice is None:
                 self.transport.abortConnection()
                 return
@@ -194,14 +234,14 @@ class SNIRouter(Protocol):
             splice.makeConnection(self.transport)
             splice.dataReceived(hello.raw)
             return
-        if not registry.admit(tunnel, peer):
+        if tunnels.admit(tunnel, peer) is None:
             self.transport.abortConnection()
             return
         context = self.factory.contexts.get(endpoint.alpn, tunnel.client_ca)
 
         def open_stream():
             # Only a completed handshake reaches the agent.
-            return registry.visitor_protocol(tunnel, endpoint, peer, local, hello.server_name)
+            return tunnels.visitor_protocol(tunnel, endpoint, peer, local, hello.server_name)
 
         layer = TLSLayer(
             context, open_stream, self.factory.clock,
@@ -212,6 +252,9 @@ class SNIRouter(Protocol):
         layer.dataReceived(hello.raw)
 
     def readConnectionLost(self):
+        if self._routing:
+            self._eof_early = True  # passed on once routed
+            return
         if self.next is None:
             self.transport.abortConnection()
         elif IHalfCloseableProtocol.providedBy(self.next):
@@ -224,6 +267,7 @@ class SNIRouter(Protocol):
             self.next.writeConnectionLost()
 
     def connectionLost(self, reason):
+        self._lost = True
         self._cancel_timer()
         if self.next is not None:
             self.next.connectionLost(reason)
@@ -233,18 +277,18 @@ class TLSFrontFactory(ServerFactory):
     noisy = False
     _log = Logger()
 
-    def __init__(self, registry, contexts: TLSContexts, clock):
-        self.registry = registry
+    def __init__(self, tunnels, contexts: TLSContexts, clock, metrics=NULL_METRICS):
+        self.tunnels = tunnels  # relay.node.tunnels.TunnelManager
         self.contexts = contexts
         self.clock = clock
-        self.unknown_names = 0
-        self.bad_hellos = 0
-        self.hello_timeouts = 0
-        self.failed_handshakes = 0
+        self.metrics = metrics
 
     def buildProtocol(self, addr):
         return SNIRouter(self)
 
+    def refused(self, tunnel_id, reason: str) -> None:
+        self.metrics.visitor_refused(tunnel_id, reason)
+
     def handshake_failed(self, reason: str) -> None:
-        self.failed_handshakes += 1
+        self.metrics.visitor_refused(None, "handshake_failed")
         self._log.debug("visitor TLS handshake failed: {reason}", reason=reason)

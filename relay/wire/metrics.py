@@ -165,6 +165,8 @@ class Counters:
         figures = self.per_tunnel.get(tunnel_id) if tunnel_id is not None else None
         if figures is not None:
             figures["refused_total"] += 1
+            if reason == "not_allowed":
+                figures["denied_total"] += 1
 
     def auth_failed(self, peer):
         self.auth_failures += 1
@@ -181,4 +183,7 @@ class Counters:
 
     @staticmethod
     def _zero() -> dict[str, int]:
-        return {"streams_active": 0, "streams_total": 0, "refused_total": 0, "bytes_in": 0, "bytes_out": 0}
+        return {
+            "streams_active": 0, "streams_total": 0, "refused_total": 0, "denied_total": 0,
+            "bytes_in": 0, "bytes_out": 0,
+        }

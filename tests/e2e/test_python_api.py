@@ -333,7 +333,7 @@ def test_open_tunnel_from_twisted(relay, echo, stop_twisted_agents, kind):
     assert tunnel.url in (yield threads.deferToThread(listed_urls, relay))
     yield close_tunnel(tunnel)
     assert tunnel.status == "closed"
-    assert (yield threads.deferToThread(relay.node.tunnels)) == []
+    assert (yield threads.deferToThread(relay.tunnels)) == []
 
 
 @pytest_twisted.inlineCallbacks
@@ -471,7 +471,7 @@ def test_cancelled_open_tunnel_leaves_no_tunnel(relay, echo, stop_twisted_agents
     with pytest.raises(defer.CancelledError):
         yield d
     yield task.deferLater(reactor, 0.5, lambda: None)  # the grant (if any) arrives, and is given back
-    assert (yield threads.deferToThread(relay.node.tunnels)) == []
+    assert (yield threads.deferToThread(relay.tunnels)) == []
 
 
 # -- errors --------------------------------------------------------------------------------

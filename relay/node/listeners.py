@@ -1,0 +1,92 @@
+"""Public TCP ports: binding a random free port of the range for a tunnel's
+TCP endpoint, and unbinding it into quarantine (relay/node/ports.py).
+
+This is the node's local half of a TCP endpoint: the directory records which
+tunnel a port belongs to; only the node that holds the listening socket
+binds it. Each listening socket's factory knows its tunnel and endpoint, so
+a visitor on it needs no lookup.
+"""
+
+from __future__ import annotations
+
+from twisted.internet import defer
+from twisted.internet.endpoints import quoteStringArgument, serverFromString
+from twisted.internet.error import CannotListenError
+from twisted.internet.protocol import ServerFactory
+from twisted.logger import Logger
+
+from relay.mux.control import NoPortsAvailableError
+from relay.node.ports import NoFreePortError, PortAllocator
+from relay.wire.tcpio import LISTEN_BACKLOG
+
+# Ports another process happens to hold are skipped; give up after this many.
+MAX_BIND_ATTEMPTS = 32
+
+
+class VisitorFactory(ServerFactory):
+    """Accepts visitors on a TCP endpoint's public port; `open_visitor(addr,
+    local)` makes each one's protocol (or None: Twisted closes it at once)."""
+
+    noisy = False  # one log line per tunnel/link is ours to write
+
+    def __init__(self, open_visitor):
+        self.open_visitor = open_visitor
+        self.listening = None  # IListeningPort, once bound
+
+    def buildProtocol(self, addr):
+        local = self.listening.getHost() if self.listening is not None else None
+        return self.open_visitor(addr, local)
+
+
+class PublicPorts:
+    """Binds and unbinds the public ports of TCP endpoints."""
+
+    _log = Logger()
+
+    def __init__(self, reactor, allocator: PortAllocator, interface: str):
+        self.reactor = reactor
+        self.allocator = allocator
+        self.interface = interface
+        self._listening: dict[int, object] = {}  # port -> IListeningPort
+
+    @defer.inlineCallbacks
+    def bind(self, factory: VisitorFactory, claim=None):
+        """Listen on a free port of the range with `factory`; fires with the
+        port number. `claim(port)` (a Deferred of bool) may veto a port.
+        Errs with NoPortsAvailableError."""
+        try:
+            candidates = self.allocator.candidates(MAX_BIND_ATTEMPTS)
+        except NoFreePortError as e:
+            raise NoPortsAvailableError(None, str(e)) from None
+        for port in candidates:
+            self.allocator.claim(port)  # before any yield: no concurrent request takes it
+            try:
+                if claim is not None and not (yield claim(port)):
+                    self.allocator.unclaim(port)
+                    continue
+                listener = serverFromString(
+                    self.reactor,
+                    f"tcp:{port}:interface={quoteStringArgument(self.interface)}:backlog={LISTEN_BACKLOG}",
+                )
+                factory.listening = yield listener.listen(factory)
+            except CannotListenError:
+                self.allocator.unclaim(port)  # held elsewhere: not ours to quarantine
+                continue
+            except BaseException:
+                self.allocator.unclaim(port)
+                raise
+            self._listening[port] = factory.listening
+            return port
+        raise NoPortsAvailableError(
+            None, f"no bindable port in {self.allocator.low}-{self.allocator.high}"
+        )
+
+    def unbind(self, port: int) -> defer.Deferred:
+        """Stop listening and put the port in quarantine; fires once unbound."""
+        listening = self._listening.pop(port, None)
+        self.allocator.release(port)
+        if listening is None:
+            return defer.succeed(None)
+        d = defer.maybeDeferred(listening.stopListening)
+        d.addErrback(lambda f: self._log.failure("stopListening failed", f))
+        return d
