@@ -274,7 +274,7 @@ def _parse_service(service: dict, names: set, *, several: bool) -> ServiceReques
 def open_tunnel_request(request_id: int, wire: dict, reclaim: tuple[str, str] | None = None) -> dict:
     """The agent's open_tunnel message: `wire` is the tunnel spec's fields
     (services, name, allow, client_ca), `reclaim` an earlier (tunnel id, secret)."""
-    message = dict(wire, id=request_id, op=Op.OPEN_TUNNEL.value)
+    message = {"id": request_id, "op": Op.OPEN_TUNNEL.value, **wire}
     if reclaim is not None:
         message["reclaim"] = {"tunnel": reclaim[0], "secret": reclaim[1]}
     return message
@@ -288,7 +288,7 @@ def close_tunnel_request(request_id: int, tunnel_id: str) -> dict:
 
 
 def ok_reply(request_id: int, body: dict | None = None) -> dict:
-    return dict(body or {}, id=request_id, ok=True)
+    return {"id": request_id, "ok": True, **(body or {})}
 
 
 def error_reply(request_id: int, error: TunnelRequestError) -> dict:
