@@ -1,0 +1,258 @@
+"""Child processes of the benchmark, and what it reads about them: free
+ports and port blocks, a bounded wait, whether a port listens (from /proc, no
+probe connection), `Proc` (a child whose output lines are collected on
+threads), and the CPU seconds and RSS of a process or a process tree (psutil
+if installed, else /proc).
+
+Not here: what the processes are (stacks.py) or what is measured through
+them (workloads.py).
+"""
+
+import os
+import random
+import re
+import signal
+import socket
+import subprocess
+import threading
+import time
+
+def listening(port: int) -> bool:
+    """Is something listening on 127.0.0.1:port? Read from /proc, no connection made
+    (a probe connection would reach the service through a tunnel)."""
+    want = f":{port:04X}"
+    for name in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            with open(name) as f:
+                next(f)
+                for line in f:
+                    parts = line.split()
+                    if parts[3] == "0A" and parts[1].endswith(want):
+                        return True
+        except OSError:
+            continue
+    return False
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def free_port_range(count: int, low: int = 20000, high: int = 32000) -> tuple[int, int]:
+    for _ in range(200):
+        start = random.randint(low, high - count)
+        ok = True
+        for port in range(start, start + count):
+            with socket.socket() as s:
+                try:
+                    s.bind(("127.0.0.1", port))
+                except OSError:
+                    ok = False
+                    break
+        if ok:
+            return start, start + count - 1
+    raise RuntimeError("no free block of ports")
+
+
+def wait_until(predicate, timeout: float, what: str, interval: float = 0.02):
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out after {timeout:g} s waiting for {what}")
+        time.sleep(interval)
+
+
+class Proc:
+    """A child process: stdout (and optionally stderr) lines collected on threads."""
+
+    def __init__(self, ctx, name: str, args: list, *, env=None, cwd=None, stdin_pipe=False,
+                 stderr_lines=False):
+        self.name = name
+        self.args = [str(a) for a in args]
+        self.lines: list[str] = []
+        self.err_lines: list[str] = []
+        self.log_path = ctx.tmp / f"{name}.log"
+        self._cond = threading.Condition()
+        self._log_file = open(self.log_path, "ab")
+        self.started = time.perf_counter()
+        self.p = subprocess.Popen(
+            self.args, cwd=cwd or ctx.tmp, env=env,
+            stdin=subprocess.PIPE if stdin_pipe else subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE if stderr_lines else self._log_file,
+        )
+        self.pid = self.p.pid
+        ctx.procs.append(self)
+        threading.Thread(target=self._read, args=(self.p.stdout, self.lines), daemon=True).start()
+        if stderr_lines:
+            threading.Thread(target=self._read, args=(self.p.stderr, self.err_lines), daemon=True).start()
+
+    def _read(self, stream, out: list) -> None:
+        for raw in iter(stream.readline, b""):
+            line = raw.decode("utf-8", "replace").rstrip("\n")
+            with self._cond:
+                out.append(line)
+                self._cond.notify_all()
+            try:
+                self._log_file.write(raw)
+                self._log_file.flush()
+            except (ValueError, OSError):
+                pass
+        stream.close()
+
+    def wait_line(self, match, timeout: float, stderr: bool = False) -> tuple[str, float]:
+        """The first line (from the start) that `match` accepts, and when it came
+        (seconds since start); TimeoutError otherwise."""
+        lines, seconds = self.wait_lines(match, 1, timeout, stderr)
+        return lines[0], seconds
+
+    def wait_lines(self, match, count: int, timeout: float, stderr: bool = False) -> tuple[list[str], float]:
+        out = self.err_lines if stderr else self.lines
+        deadline = time.monotonic() + timeout
+        seen = 0
+        found: list[str] = []
+        with self._cond:
+            while True:
+                while seen < len(out):
+                    line = out[seen]
+                    seen += 1
+                    if match(line):
+                        found.append(line)
+                        if len(found) == count:
+                            return found, time.perf_counter() - self.started
+                if self.p.poll() is not None:
+                    raise RuntimeError(f"{self.name} exited {self.p.returncode}: {self.tail()}")
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise TimeoutError(f"{self.name}: no expected output within {timeout:g} s: {self.tail()}")
+                self._cond.wait(min(left, 0.05))
+
+    def tail(self, n: int = 6) -> str:
+        text = ""
+        try:
+            text = self.log_path.read_text(errors="replace")
+        except OSError:
+            pass
+        lines = (text.splitlines() or self.lines + self.err_lines)[-n:]
+        return re.sub(r"\x1b\[[0-9;]*m", "", " | ".join(lines))[-800:]
+
+    def alive(self) -> bool:
+        return self.p.poll() is None
+
+    def stop(self, timeout: float = 5) -> None:
+        if self.p.stdin:
+            try:
+                self.p.stdin.close()
+            except OSError:
+                pass
+        if self.p.poll() is None:
+            try:
+                self.p.send_signal(signal.SIGTERM)
+                self.p.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.p.kill()
+                self.p.wait(5)
+        try:
+            self._log_file.close()
+        except OSError:
+            pass
+
+
+# -- CPU and memory of processes (psutil if present, else /proc) ---------------------------
+
+try:
+    import psutil
+except ImportError:  # the README install has no psutil: /proc gives the same figures
+    psutil = None
+
+_TICK = os.sysconf("SC_CLK_TCK")
+_PAGE = os.sysconf("SC_PAGE_SIZE")
+
+
+def _children_map() -> dict[int, list[int]]:
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        children.setdefault(ppid, []).append(int(entry))
+    return children
+
+
+def process_tree(pid: int) -> list[int]:
+    if psutil is not None:
+        try:
+            proc = psutil.Process(pid)
+            return [pid] + [c.pid for c in proc.children(recursive=True)]
+        except psutil.Error:
+            return []
+    children = _children_map()
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        todo.extend(children.get(p, []))
+    return out
+
+
+def cpu_seconds(pid: int) -> float | None:
+    if psutil is not None:
+        try:
+            t = psutil.Process(pid).cpu_times()
+            return t.user + t.system
+        except psutil.Error:
+            return None
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / _TICK
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def rss_bytes(pid: int) -> int:
+    if psutil is not None:
+        try:
+            return psutil.Process(pid).memory_info().rss
+        except psutil.Error:
+            return 0
+    try:
+        with open(f"/proc/{pid}/statm") as f:
+            return int(f.read().split()[1]) * _PAGE
+    except (OSError, IndexError, ValueError):
+        return 0
+
+
+class Side:
+    """The relay side or the agent side of a path: one process, or a process tree (sshd)."""
+
+    def __init__(self, pid: int, tree: bool = False):
+        self.pid, self.tree = pid, tree
+
+    def pids(self) -> list[int]:
+        return process_tree(self.pid) if self.tree else [self.pid]
+
+    def cpu(self) -> dict[int, float]:
+        out = {}
+        for pid in self.pids():
+            value = cpu_seconds(pid)
+            if value is not None:
+                out[pid] = value
+        return out
+
+    def rss(self) -> int:
+        return sum(rss_bytes(pid) for pid in self.pids())
+
+
+def cpu_delta(before: dict[int, float], after: dict[int, float]) -> float:
+    return sum(value - before.get(pid, 0.0) for pid, value in after.items())
