@@ -50,6 +50,12 @@ class Context:
         self.relay = None
         self.tools: dict[str, str | None] = {}
 
+    def spawn(self, name: str, args: list, **kwargs) -> Proc:
+        """A child of this run, logging to the temp folder; `cleanup` stops it."""
+        proc = Proc(name, args, folder=self.tmp, **kwargs)
+        self.procs.append(proc)
+        return proc
+
     def note(self, text: str) -> None:
         if text not in self.notes:
             self.notes.append(text)

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 from .context import TUNNEL_CLIENT, TWISTD, Context
+from .processes import openssh_tools
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -18,9 +19,8 @@ def check_tools(ctx: Context) -> None:
     if not (TWISTD.exists() and TUNNEL_CLIENT.exists()):
         sys.exit(f"bench: {TWISTD} or {TUNNEL_CLIENT} is missing: run this with the Python that has "
                  "tunnel-relay installed (python3 -m venv .venv && . .venv/bin/activate && pip install .)")
-    for tool in ("ssh", "ssh-keygen", "iperf3"):
-        ctx.tools[tool] = shutil.which(tool)
-    ctx.tools["sshd"] = shutil.which("sshd") or ("/usr/sbin/sshd" if os.access("/usr/sbin/sshd", os.X_OK) else None)
+    ctx.tools.update(openssh_tools())
+    ctx.tools["iperf3"] = shutil.which("iperf3")
     if not (ctx.tools["ssh"] and ctx.tools["ssh-keygen"] and ctx.tools["sshd"]):
         ctx.note("ssh -R skipped: OpenSSH is not installed (Debian: apt-get install openssh-client openssh-server)")
     if not ctx.tools["iperf3"]:

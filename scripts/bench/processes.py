@@ -1,25 +1,32 @@
-"""Child processes of the benchmark, and what it reads about them: free
-ports and port blocks, a bounded wait, whether a port listens (from /proc, no
-probe connection), `Proc` (a child whose output lines are collected on
-threads), and the CPU seconds and RSS of a process or a process tree (psutil
-if installed, else /proc).
+"""Processes on loopback, for the benchmark and the end-to-end tests
+(tests/e2e/harness.py imports these; one copy, so the two cannot drift):
+free ports and port blocks, one bounded wait, whether a port listens (read
+from /proc: no probe connection), `Proc` (a child whose output lines are
+collected on threads), the CPU seconds and RSS of a process or a process tree
+(psutil if installed, else /proc), and a private OpenSSH server.
 
-Not here: what the processes are (stacks.py) or what is measured through
-them (workloads.py).
+No dependency beyond the stdlib, and nothing about tunnels: what the processes are is the
+caller's (bench stacks.py, the harness's RelayProcess), as is what is
+measured through them (workloads.py).
 """
 
+import getpass
 import os
 import random
 import re
+import shutil
 import signal
 import socket
 import subprocess
 import threading
 import time
+from pathlib import Path
+
 
 def listening(port: int) -> bool:
-    """Is something listening on 127.0.0.1:port? Read from /proc, no connection made
-    (a probe connection would reach the service through a tunnel)."""
+    """Is something on this machine listening on `port` (any local address)? Read
+    from /proc, no connection made: a probe connection would reach the service
+    through a tunnel, and the relay would log it as a visitor."""
     want = f":{port:04X}"
     for name in ("/proc/net/tcp", "/proc/net/tcp6"):
         try:
@@ -34,13 +41,17 @@ def listening(port: int) -> bool:
     return False
 
 
-def free_port() -> int:
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port nothing holds now (the kernel's pick; another process may take it
+    before the caller binds it, which loopback tests accept)."""
     with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
+        s.bind((host, 0))
         return s.getsockname()[1]
 
 
 def free_port_range(count: int, low: int = 20000, high: int = 32000) -> tuple[int, int]:
+    """A block of `count` ports below the ephemeral range that nothing holds now,
+    as (first, last)."""
     for _ in range(200):
         start = random.randint(low, high - count)
         ok = True
@@ -56,7 +67,9 @@ def free_port_range(count: int, low: int = 20000, high: int = 32000) -> tuple[in
     raise RuntimeError("no free block of ports")
 
 
-def wait_until(predicate, timeout: float, what: str, interval: float = 0.02):
+def wait_for(predicate, timeout: float, what: str, interval: float = 0.05):
+    """`predicate()`'s first true value, polled every `interval` s; TimeoutError
+    naming `what` once `timeout` s have passed."""
     deadline = time.monotonic() + timeout
     while True:
         value = predicate()
@@ -68,26 +81,26 @@ def wait_until(predicate, timeout: float, what: str, interval: float = 0.02):
 
 
 class Proc:
-    """A child process: stdout (and optionally stderr) lines collected on threads."""
+    """A child process: stdout (and optionally stderr) lines collected on threads,
+    and copied with the rest of its output to `folder`/`name`.log."""
 
-    def __init__(self, ctx, name: str, args: list, *, env=None, cwd=None, stdin_pipe=False,
+    def __init__(self, name: str, args: list, *, folder: Path, env=None, cwd=None, stdin_pipe=False,
                  stderr_lines=False):
         self.name = name
         self.args = [str(a) for a in args]
         self.lines: list[str] = []
         self.err_lines: list[str] = []
-        self.log_path = ctx.tmp / f"{name}.log"
+        self.log_path = Path(folder) / f"{name}.log"
         self._cond = threading.Condition()
         self._log_file = open(self.log_path, "ab")
         self.started = time.perf_counter()
         self.p = subprocess.Popen(
-            self.args, cwd=cwd or ctx.tmp, env=env,
+            self.args, cwd=cwd or folder, env=env,
             stdin=subprocess.PIPE if stdin_pipe else subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE if stderr_lines else self._log_file,
         )
         self.pid = self.p.pid
-        ctx.procs.append(self)
         threading.Thread(target=self._read, args=(self.p.stdout, self.lines), daemon=True).start()
         if stderr_lines:
             threading.Thread(target=self._read, args=(self.p.stderr, self.err_lines), daemon=True).start()
@@ -256,3 +269,73 @@ class Side:
 
 def cpu_delta(before: dict[int, float], after: dict[int, float]) -> float:
     return sum(value - before.get(pid, 0.0) for pid, value in after.items())
+
+
+# -- a private OpenSSH server ------------------------------------------------------------
+
+
+def openssh_tools() -> dict[str, str | None]:
+    """Where ssh, ssh-keygen and sshd are; None for a missing one. sshd is
+    looked for in /usr/sbin too: it is often not on a user's PATH."""
+    tools = {tool: shutil.which(tool) for tool in ("ssh", "ssh-keygen")}
+    tools["sshd"] = shutil.which("sshd") or ("/usr/sbin/sshd" if os.access("/usr/sbin/sshd", os.X_OK) else None)
+    return tools
+
+
+class PrivateSSHD:
+    """A private OpenSSH server on a free loopback port: its own config, host key
+    and authorized_keys in `folder`; never the system's sshd or its config.
+    Public key login as the current user; `ssh_args` gives a client command
+    line that trusts nothing global either."""
+
+    def __init__(self, folder: Path, env: dict | None = None, timeout: float = 15):
+        self.tools = openssh_tools()
+        missing = [tool for tool, path in self.tools.items() if path is None]
+        if missing:
+            raise RuntimeError(f"OpenSSH is not installed: no {', '.join(missing)}")
+        self.dir = Path(folder)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.port = free_port()
+        self.user = getpass.getuser()
+        self.host_key = self.dir / "host_ed25519"
+        self.client_key = self.dir / "client_ed25519"
+        for key in (self.host_key, self.client_key):
+            subprocess.run([self.tools["ssh-keygen"], "-q", "-t", "ed25519", "-N", "", "-f", str(key)],
+                           check=True, timeout=30, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
+        (self.dir / "authorized_keys").write_text((self.dir / "client_ed25519.pub").read_text())
+        self.config = self.dir / "sshd_config"
+        self.config.write_text(
+            f"Port {self.port}\nListenAddress 127.0.0.1\nHostKey {self.host_key}\n"
+            f"AuthorizedKeysFile {self.dir}/authorized_keys\nPidFile {self.dir}/sshd.pid\n"
+            "StrictModes no\nUsePAM no\nPasswordAuthentication no\nKbdInteractiveAuthentication no\n"
+            "PermitRootLogin prohibit-password\nAllowTcpForwarding yes\nGatewayPorts no\n"
+            "LogLevel ERROR\n"
+        )
+        if os.geteuid() == 0:
+            os.makedirs("/run/sshd", exist_ok=True)  # privilege separation folder
+        self.proc = Proc("sshd", [self.tools["sshd"], "-D", "-e", "-f", self.config], folder=self.dir, env=env)
+        wait_for(lambda: listening(self.port) or not self.proc.alive(), timeout, "sshd")
+        if not self.proc.alive():
+            raise RuntimeError(f"sshd exited: {self.proc.tail()}")
+
+    def ssh_args(self, port: int, host: str = "127.0.0.1", *, options: list[str] = (),
+                 log_level: str = "ERROR") -> list[str]:
+        """An ssh command line to this server, reached at host:port (itself, or a
+        tunnel or delay line in front of it), ending with the destination: a remote
+        command may follow. `options` (e.g. `-N`, `-R ...`) go before it."""
+        return [
+            self.tools["ssh"], "-F", "/dev/null", "-i", str(self.client_key), "-p", str(port),
+            "-o", "StrictHostKeyChecking=no", "-o", f"UserKnownHostsFile={self.dir}/known_hosts",
+            "-o", "BatchMode=yes", "-o", "ConnectTimeout=10", "-o", f"LogLevel={log_level}",
+            *options, f"{self.user}@{host}",
+        ]
+
+    def stop(self) -> None:
+        """Stop sshd, and the session processes it forked for clients that are still on."""
+        pids = process_tree(self.proc.pid)
+        self.proc.stop(3)
+        for pid in pids[1:]:  # sessions of clients that are gone already end by themselves
+            try:
+                os.kill(pid, signal.SIGTERM)
+            except OSError:
+                pass

@@ -7,14 +7,13 @@ import importlib.util
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 from pathlib import Path
 
 from . import benchnet as net
 from .context import BENCHNET, TUNNEL_CLIENT, TWISTD, Context
-from .processes import Proc, Side, free_port, free_port_range, listening, process_tree, wait_until
+from .processes import PrivateSSHD, Proc, Side, free_port, free_port_range, listening, wait_for
 
 
 class Stack:
@@ -35,14 +34,14 @@ class Stack:
 
 
 def start_service(ctx: Context) -> None:
-    proc = Proc(ctx, "service", [sys.executable, BENCHNET, "service"], env=ctx.env, stdin_pipe=True)
+    proc = ctx.spawn("service", [sys.executable, BENCHNET, "service"], env=ctx.env, stdin_pipe=True)
     line, _ = proc.wait_line(lambda l: l.startswith("{"), 15)
     ctx.service_ports = json.loads(line)
 
 
 def start_delay_line(ctx: Context, name: str, target_port: int) -> int:
     p = ctx.p
-    proc = Proc(ctx, name, [sys.executable, BENCHNET, "delay", "--target", f"127.0.0.1:{target_port}",
+    proc = ctx.spawn(name, [sys.executable, BENCHNET, "delay", "--target", f"127.0.0.1:{target_port}",
                             "--delay", str(p["wan_delay"]), "--rate", str(p["wan_rate"])],
                 env=ctx.env, stdin_pipe=True)
     line, _ = proc.wait_line(lambda l: l.startswith("{"), 15)
@@ -53,8 +52,8 @@ def start_iperf(ctx: Context) -> None:
     if not ctx.tools.get("iperf3"):
         return
     port = free_port()
-    proc = Proc(ctx, "iperf3-server", [ctx.tools["iperf3"], "-s", "-B", "127.0.0.1", "-p", port], env=ctx.env)
-    wait_until(lambda: listening(port) or not proc.alive(), 10, "iperf3 -s")
+    proc = ctx.spawn("iperf3-server", [ctx.tools["iperf3"], "-s", "-B", "127.0.0.1", "-p", port], env=ctx.env)
+    wait_for(lambda: listening(port) or not proc.alive(), 10, "iperf3 -s")
     if proc.alive():
         ctx.iperf_port = port
 
@@ -69,76 +68,32 @@ def direct_stack(ctx: Context) -> Stack:
     return Stack("direct", endpoints)
 
 
-class PrivateSSHD:
-    """A private OpenSSH server on a free loopback port: its own config, host key and
-    authorized_keys in a temp folder; never the system's sshd or its config."""
+# ssh -N: no remote command, forwards only; give up if a forward cannot be set up.
+SSH_FORWARD_ONLY = ["-o", "ExitOnForwardFailure=yes", "-N"]
 
-    def __init__(self, ctx: Context):
-        import getpass
 
-        self.ctx = ctx
-        self.dir = ctx.tmp / "sshd"
-        self.dir.mkdir()
-        self.port = free_port()
-        self.user = getpass.getuser()
-        self.host_key = self.dir / "host_ed25519"
-        self.client_key = self.dir / "client_ed25519"
-        for key in (self.host_key, self.client_key):
-            subprocess.run([ctx.tools["ssh-keygen"], "-q", "-t", "ed25519", "-N", "", "-f", str(key)],
-                           check=True, timeout=30, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
-        (self.dir / "authorized_keys").write_text((self.dir / "client_ed25519.pub").read_text())
-        config = self.dir / "sshd_config"
-        config.write_text(
-            f"Port {self.port}\nListenAddress 127.0.0.1\nHostKey {self.host_key}\n"
-            f"AuthorizedKeysFile {self.dir}/authorized_keys\nPidFile {self.dir}/sshd.pid\n"
-            "StrictModes no\nUsePAM no\nPasswordAuthentication no\nKbdInteractiveAuthentication no\n"
-            "PermitRootLogin prohibit-password\nAllowTcpForwarding yes\nGatewayPorts no\n"
-            "LogLevel ERROR\n"
-        )
-        if os.geteuid() == 0:
-            os.makedirs("/run/sshd", exist_ok=True)  # privilege separation folder
-        self.proc = Proc(ctx, "sshd", [ctx.tools["sshd"], "-D", "-e", "-f", config], env=ctx.env)
-        wait_until(lambda: listening(self.port) or not self.proc.alive(), 15, "sshd")
-        if not self.proc.alive():
-            raise RuntimeError(f"sshd exited: {self.proc.tail()}")
-
-    def ssh_args(self, port: int, log_level: str = "ERROR") -> list[str]:
-        return [
-            self.ctx.tools["ssh"], "-F", "/dev/null", "-i", str(self.client_key), "-p", str(port),
-            "-o", "StrictHostKeyChecking=no", "-o", f"UserKnownHostsFile={self.dir}/known_hosts",
-            "-o", "BatchMode=yes", "-o", "ConnectTimeout=10", "-o", f"LogLevel={log_level}",
-            "-o", "ExitOnForwardFailure=yes", "-N",
-        ]
-
-    def forward(self, name: str, targets: dict[str, int], via_port: int | None = None) -> tuple[Proc, dict]:
-        remote = {t: free_port() for t in targets}
-        args = self.ssh_args(via_port or self.port)
-        for t, local in targets.items():
-            args += ["-R", f"127.0.0.1:{remote[t]}:127.0.0.1:{local}"]
-        proc = Proc(self.ctx, name, args + [f"{self.user}@127.0.0.1"], env=self.ctx.env)
-        wait_until(lambda: all(listening(p) for p in remote.values()) or not proc.alive(), 30, f"{name} forwards")
-        if not proc.alive():
-            raise RuntimeError(f"{name} exited: {proc.tail()}")
-        return proc, {t: net.Endpoint("127.0.0.1", p) for t, p in remote.items()}
-
-    def stop(self) -> None:
-        pids = process_tree(self.proc.pid)
-        self.proc.stop(3)
-        for pid in pids[1:]:  # sessions of clients that are gone already end by themselves
-            try:
-                os.kill(pid, signal.SIGTERM)
-            except OSError:
-                pass
+def ssh_forward(ctx: Context, name: str, targets: dict[str, int], via_port: int | None = None) -> tuple[Proc, dict]:
+    """`ssh -N -R` to the run's sshd (reached at via_port, e.g. a delay line, or
+    directly): a remote port on the sshd side per target."""
+    remote = {t: free_port() for t in targets}
+    options = list(SSH_FORWARD_ONLY)
+    for t, local in targets.items():
+        options += ["-R", f"127.0.0.1:{remote[t]}:127.0.0.1:{local}"]
+    proc = ctx.spawn(name, ctx.sshd.ssh_args(via_port or ctx.sshd.port, options=options), env=ctx.env)
+    wait_for(lambda: all(listening(p) for p in remote.values()) or not proc.alive(), 30, f"{name} forwards")
+    if not proc.alive():
+        raise RuntimeError(f"{name} exited: {proc.tail()}")
+    return proc, {t: net.Endpoint("127.0.0.1", p) for t, p in remote.items()}
 
 
 def ssh_stack(ctx: Context, targets: dict[str, int], name: str = "ssh") -> Stack:
     if ctx.sshd is None:
-        ctx.sshd = PrivateSSHD(ctx)
-    proc, endpoints = ctx.sshd.forward(f"{name}-agent", targets)
+        ctx.sshd = PrivateSSHD(ctx.tmp / "sshd", env=ctx.env)
+    proc, endpoints = ssh_forward(ctx, f"{name}-agent", targets)
     procs = [proc]
     if "bulk" in targets and ctx.p.get("wan", True):
         via = start_delay_line(ctx, f"delay-{name}", ctx.sshd.port)
-        wan_proc, wan = ctx.sshd.forward(f"{name}-agent-wan", {"wan": targets["bulk"]}, via_port=via)
+        wan_proc, wan = ssh_forward(ctx, f"{name}-agent-wan", {"wan": targets["bulk"]}, via_port=via)
         endpoints.update(wan)
         procs.append(wan_proc)
     return Stack(name, endpoints, Side(ctx.sshd.proc.pid, tree=True), Side(proc.pid), procs)
@@ -183,8 +138,8 @@ def start_frps(ctx: Context) -> Proc:
         f'bindAddr = "127.0.0.1"\nbindPort = {ctx.frps_port}\nproxyBindAddr = "127.0.0.1"\n'
         f'auth.token = "{FRP_TOKEN}"\nlog.level = "warn"\n'
     )
-    proc = Proc(ctx, "frps", [ctx.frp_bin / "frps", "-c", config], env=ctx.env)
-    wait_until(lambda: listening(ctx.frps_port) or not proc.alive(), 30, "frps")
+    proc = ctx.spawn("frps", [ctx.frp_bin / "frps", "-c", config], env=ctx.env)
+    wait_for(lambda: listening(ctx.frps_port) or not proc.alive(), 30, "frps")
     if not proc.alive():
         raise RuntimeError(f"frps exited: {proc.tail()}")
     return proc
@@ -206,8 +161,8 @@ def frp_forward(ctx: Context, name: str, targets: dict[str, int], via_port: int 
     remote = {t: free_port() for t in targets}
     config = frpc_config(ctx, name, via_port or ctx.frps_port,
                          {f"{name}-{t}": (local, remote[t]) for t, local in targets.items()})
-    proc = Proc(ctx, name, [ctx.frp_bin / "frpc", "-c", config], env=ctx.env)
-    wait_until(lambda: all(listening(p) for p in remote.values()) or not proc.alive(), 30, f"{name} proxies")
+    proc = ctx.spawn(name, [ctx.frp_bin / "frpc", "-c", config], env=ctx.env)
+    wait_for(lambda: all(listening(p) for p in remote.values()) or not proc.alive(), 30, f"{name} proxies")
     if not proc.alive():
         raise RuntimeError(f"{name} exited: {proc.tail()}")
     return proc, {t: net.Endpoint("127.0.0.1", p) for t, p in remote.items()}
@@ -233,16 +188,16 @@ class Relay:
         self.state_dir = self.dir / "relay-state"
         self.agent_port, self.admin_port, self.tls_port = free_port(), free_port(), free_port()
         low, high = free_port_range(400)
-        self.proc = Proc(ctx, name, [
+        self.proc = ctx.spawn(name, [
             TWISTD, "-n", "--pidfile=", f"--logfile={self.dir / 'twistd.log'}", "relay",
             f"--state-dir={self.state_dir}", f"--agent-port={self.agent_port}",
             f"--admin-port={self.admin_port}", f"--tls-port={self.tls_port}", f"--ports={low}-{high}",
         ], env=ctx.env, cwd=self.dir)
-        wait_until(lambda: (listening(self.agent_port) and listening(self.tls_port)) or not self.proc.alive(),
-                   30, "the relay's ports")
+        wait_for(lambda: (listening(self.agent_port) and listening(self.tls_port)) or not self.proc.alive(),
+                 30, "the relay's ports")
         if not self.proc.alive():
             raise RuntimeError(f"relay exited: {(self.dir / 'twistd.log').read_text(errors='replace')[-800:]}")
-        wait_until(lambda: (self.state_dir / "client.env").exists(), 10, "client.env")
+        wait_for(lambda: (self.state_dir / "client.env").exists(), 10, "client.env")
         self.client_env = {}
         for line in (self.state_dir / "client.env").read_text().splitlines():
             key, _, value = line.partition("=")
@@ -272,7 +227,7 @@ def start_agent(ctx: Context, relay: Relay, name: str, targets: dict[str, int], 
         args.append("--unencrypted")
     if via_port:
         args += ["--relay", f"127.0.0.1:{via_port}"]
-    proc = Proc(ctx, name, args, env=relay.agent_env())
+    proc = ctx.spawn(name, args, env=relay.agent_env())
     lines, _ = proc.wait_lines(lambda l: l.startswith("{"), len(targets), 30)
     items = [json.loads(line) for line in lines]
     by_port = agent_endpoints(relay, items, tls)

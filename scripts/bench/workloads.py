@@ -12,9 +12,9 @@ import time
 
 from . import benchnet as net
 from .context import BENCHNET, LABELS, OURS, TUNNEL_CLIENT, Context
-from .processes import Proc, cpu_delta, free_port
+from .processes import cpu_delta, free_port
 from .report import Results
-from .stacks import Relay, Stack, frp_stack, frpc_config, ours_stack, ssh_stack
+from .stacks import SSH_FORWARD_ONLY, Relay, Stack, frp_stack, frpc_config, ours_stack, ssh_stack
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -103,7 +103,7 @@ def w_wan(ctx: Context, stack: Stack, res: Results) -> None:
 
 def _time_process(ctx: Context, name: str, args: list, env: dict, match, stderr: bool = False,
                   timeout: float = 30) -> float:
-    proc = Proc(ctx, name, args, env=env, stderr_lines=stderr)
+    proc = ctx.spawn(name, args, env=env, stderr_lines=stderr)
     try:
         _, seconds = proc.wait_line(match, timeout, stderr=stderr)
     finally:
@@ -122,8 +122,8 @@ def w_startup(ctx: Context, stack: Stack, res: Results) -> None:
                            env=ctx.env, timeout=60, stdin=subprocess.DEVNULL)
             ms = (time.perf_counter() - t) * 1e3
         elif stack.name == "ssh":
-            args = ctx.sshd.ssh_args(ctx.sshd.port, log_level="INFO")
-            args += ["-R", f"127.0.0.1:0:127.0.0.1:{echo}", f"{ctx.sshd.user}@127.0.0.1"]
+            args = ctx.sshd.ssh_args(ctx.sshd.port, log_level="INFO",
+                                     options=SSH_FORWARD_ONLY + ["-R", f"127.0.0.1:0:127.0.0.1:{echo}"])
             ms = _time_process(ctx, "ssh-startup", args, ctx.env, lambda l: "Allocated port" in l, stderr=True)
         elif stack.name == "frp":
             config = frpc_config(ctx, "frpc-startup", ctx.frps_port,
@@ -221,7 +221,7 @@ def idle_phase(ctx: Context, name: str, res: Results) -> None:
         time.sleep(0.3)
         relay0, agent0 = stack.relay.rss(), stack.agent.rss()
         n = ctx.p["idle_n"]
-        visitors = Proc(ctx, f"idle-visitors-{name}", [
+        visitors = ctx.spawn(f"idle-visitors-{name}", [
             sys.executable, BENCHNET, "idle", "--endpoint", json.dumps(ep.to_json()), "--n", str(n),
             "--concurrency", str(ctx.p["idle_concurrency"]), "--max-seconds", str(ctx.p["idle_open_seconds"]),
         ], env=ctx.env, stdin_pipe=True)
