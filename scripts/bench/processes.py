@@ -1,13 +1,14 @@
 """Processes on loopback, for the benchmark and the end-to-end tests
 (tests/e2e/harness.py imports these; one copy, so the two cannot drift):
 free ports and port blocks, one bounded wait, whether a port listens (read
-from /proc: no probe connection), `Proc` (a child whose output lines are
-collected on threads), the CPU seconds and RSS of a process or a process tree
-(psutil if installed, else /proc), and a private OpenSSH server.
+from /proc: no probe connection), stopping a child within a bound, `Proc` (a
+child whose output lines are collected on threads), the CPU seconds and RSS
+of a process or a process tree (psutil if installed, else /proc), and a
+private OpenSSH server.
 
-No dependency beyond the stdlib, and nothing about tunnels: what the processes are is the
-caller's (bench stacks.py, the harness's RelayProcess), as is what is
-measured through them (workloads.py).
+No dependency beyond the stdlib, and nothing about tunnels: what the
+processes are is the caller's (bench stacks.py, the harness's RelayProcess),
+as is what is measured through them (workloads.py).
 """
 
 import getpass
@@ -78,6 +79,19 @@ def wait_for(predicate, timeout: float, what: str, interval: float = 0.05):
         if time.monotonic() > deadline:
             raise TimeoutError(f"timed out after {timeout:g} s waiting for {what}")
         time.sleep(interval)
+
+
+def stop_process(p: subprocess.Popen, timeout: float, sig: int = signal.SIGTERM) -> int:
+    """Signal `p` (SIGTERM unless told) if it still runs, give it `timeout` s to
+    exit, then SIGKILL; its exit code."""
+    if p.poll() is None:
+        p.send_signal(sig)
+        try:
+            p.wait(timeout)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait(5)
+    return p.returncode
 
 
 class Proc:
@@ -163,13 +177,7 @@ class Proc:
                 self.p.stdin.close()
             except OSError:
                 pass
-        if self.p.poll() is None:
-            try:
-                self.p.send_signal(signal.SIGTERM)
-                self.p.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.p.kill()
-                self.p.wait(5)
+        stop_process(self.p, timeout)
         try:
             self._log_file.close()
         except OSError:

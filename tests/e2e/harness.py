@@ -28,6 +28,7 @@ from scripts.bench.processes import (  # noqa: F401 - the tests' names for them
     free_port_range,
     listening,
     openssh_tools,
+    stop_process,
     wait_for,
 )
 
@@ -120,14 +121,7 @@ class RelayProcess:
         return self.admin("/v1/tunnels")["tunnels"]
 
     def stop(self, timeout: float = 10) -> int:
-        if self.proc is None or self.proc.poll() is not None:
-            return self.proc.returncode if self.proc else 0
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            return self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            return self.proc.wait(5)
+        return stop_process(self.proc, timeout) if self.proc is not None else 0
 
     def kill(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
@@ -175,13 +169,7 @@ class AgentProcess:
         return code
 
     def stop(self, sig=signal.SIGTERM, timeout: float = 10) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
+        stop_process(self.proc, timeout, sig)
         self.stdout.drain()
         self.stderr.drain()
         return self.proc.returncode
