@@ -3,6 +3,11 @@
 
 The relay and the agent run from the installed package (the README's test
 command installs it), from a temporary folder, never from the repository.
+
+Free ports, the bounded wait, `listening` and the private sshd are the
+benchmark's (scripts/bench/processes.py), imported here so that tests take
+them from this module as before. `scripts` is found the way `tests` is: from
+the repository root, which pytest puts on sys.path (rootdir, both packages).
 """
 
 import os
@@ -13,58 +18,23 @@ import struct
 import subprocess
 import sys
 import threading
-import time
 import urllib.request
 import json
 from pathlib import Path
 
+from scripts.bench.processes import (  # noqa: F401 - the tests' names for them
+    PrivateSSHD,
+    free_port,
+    free_port_range,
+    listening,
+    openssh_tools,
+    stop_process,
+    wait_for,
+)
+
 BIN = Path(sys.executable).parent
 TWISTD = str(BIN / "twistd")
 TUNNEL_CLIENT = str(BIN / "tunnel-client")
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
-
-
-def free_port_range(count: int, low: int = 20000, high: int = 32000) -> tuple[int, int]:
-    """A block of `count` ports below the ephemeral range that nothing holds now."""
-    import random
-
-    for _ in range(200):
-        start = random.randint(low, high - count)
-        ok = True
-        for port in range(start, start + count):
-            with socket.socket() as s:
-                try:
-                    s.bind(("127.0.0.1", port))
-                except OSError:
-                    ok = False
-                    break
-        if ok:
-            return start, start + count - 1
-    raise RuntimeError("no free port block")
-
-
-def wait_for(predicate, timeout: float, what: str, interval: float = 0.05):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(interval)
-
-
-def port_open(port: int, host: str = "127.0.0.1") -> bool:
-    try:
-        with socket.create_connection((host, port), timeout=0.5):
-            return True
-    except OSError:
-        return False
 
 
 class _LineReader:
@@ -124,10 +94,10 @@ class RelayProcess:
             self.args(), cwd=self.workdir, env=env, stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
         )
-        wait_for(lambda: self.proc.poll() is not None or port_open(self.agent_port), timeout, "relay agent port")
+        wait_for(lambda: self.proc.poll() is not None or listening(self.agent_port), timeout, "relay agent port")
         if self.proc.poll() is not None:
             raise AssertionError(f"relay exited {self.proc.returncode}:\n{self.log()}")
-        wait_for(lambda: port_open(self.admin_port), timeout, "relay admin port")
+        wait_for(lambda: listening(self.admin_port), timeout, "relay admin port")
         return self
 
     def client_env(self) -> dict:
@@ -151,14 +121,7 @@ class RelayProcess:
         return self.admin("/v1/tunnels")["tunnels"]
 
     def stop(self, timeout: float = 10) -> int:
-        if self.proc is None or self.proc.poll() is not None:
-            return self.proc.returncode if self.proc else 0
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            return self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            return self.proc.wait(5)
+        return stop_process(self.proc, timeout) if self.proc is not None else 0
 
     def kill(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
@@ -206,13 +169,7 @@ class AgentProcess:
         return code
 
     def stop(self, sig=signal.SIGTERM, timeout: float = 10) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
+        stop_process(self.proc, timeout, sig)
         self.stdout.drain()
         self.stderr.drain()
         return self.proc.returncode
@@ -403,58 +360,3 @@ class LinkProxy:
         self.sock.close()
         for pair in self.pairs:
             pair.close()
-
-
-class PrivateSSHD:
-    """A private OpenSSH server on a free loopback port, with its own config,
-    host key and authorized_keys in a temp folder: never the system's sshd."""
-
-    SSHD = "/usr/sbin/sshd"
-
-    def __init__(self, workdir: Path):
-        self.dir = Path(workdir)
-        self.dir.mkdir(parents=True, exist_ok=True)
-        self.port = free_port()
-        self.host_key = self.dir / "host_ed25519"
-        self.client_key = self.dir / "client_ed25519"
-        for key in (self.host_key, self.client_key):
-            subprocess.run(
-                ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)],
-                check=True, timeout=30, stdin=subprocess.DEVNULL,
-            )
-        (self.dir / "authorized_keys").write_text((self.dir / "client_ed25519.pub").read_text())
-        self.config = self.dir / "sshd_config"
-        self.config.write_text(
-            f"Port {self.port}\nListenAddress 127.0.0.1\nHostKey {self.host_key}\n"
-            f"AuthorizedKeysFile {self.dir}/authorized_keys\nPidFile {self.dir}/sshd.pid\n"
-            "StrictModes no\nUsePAM no\nPasswordAuthentication no\nKbdInteractiveAuthentication no\n"
-            "PermitRootLogin prohibit-password\nAllowTcpForwarding yes\nGatewayPorts no\n"
-            "LogLevel ERROR\n"
-        )
-        os.makedirs("/run/sshd", exist_ok=True)  # sshd's privilege separation folder
-        self.proc = subprocess.Popen(
-            [self.SSHD, "-D", "-e", "-f", str(self.config)],
-            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-        )
-        wait_for(lambda: self.proc.poll() is not None or port_open(self.port), 15, "sshd")
-        if self.proc.poll() is not None:
-            raise RuntimeError(f"sshd exited: {self.proc.stderr.read().decode(errors='replace')}")
-
-    def ssh_args(self, port: int, host: str = "127.0.0.1") -> list[str]:
-        """An ssh command line to this server (reached via host:port) that trusts nothing global."""
-        import getpass
-
-        return [
-            "ssh", "-F", "/dev/null", "-i", str(self.client_key), "-p", str(port),
-            "-o", "StrictHostKeyChecking=no", "-o", f"UserKnownHostsFile={self.dir}/known_hosts",
-            "-o", "BatchMode=yes", "-o", "ConnectTimeout=10", "-o", "LogLevel=ERROR",
-            f"{getpass.getuser()}@{host}",
-        ]
-
-    def close(self):
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()

@@ -5,7 +5,6 @@ they print, and stopped with Ctrl-C (SIGINT) within a bounded time.
 
 import http.client
 import re
-import shutil
 import signal
 import socket
 import ssl
@@ -16,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.harness import PrivateSSHD, RelayProcess, _LineReader, free_port, wait_for
+from tests.e2e.harness import PrivateSSHD, RelayProcess, _LineReader, free_port, openssh_tools, wait_for
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "scripts" / "examples"
 
@@ -155,7 +154,7 @@ def test_tunnel_hub(relay, examples):
 
 
 @pytest.mark.skipif(
-    not (shutil.which("ssh") and shutil.which("ssh-keygen") and shutil.which(PrivateSSHD.SSHD)),
+    not all(openssh_tools().values()),
     reason="openssh-client/openssh-server not installed (.ci/run installs them)",
 )
 def test_ssh_tunnel(relay, examples, tmp_path):
@@ -176,4 +175,4 @@ def test_ssh_tunnel(relay, examples, tmp_path):
         assert example.interrupt() == 0
         wait_for(lambda: relay.tunnels() == [], 5, "the tunnel to close")
     finally:
-        sshd.close()
+        sshd.stop()

@@ -27,7 +27,7 @@ from tests.e2e.harness import (
     RelayProcess,
     closed_within,
     connect,
-    port_open,
+    listening,
     recv_all,
     wait_for,
 )
@@ -268,7 +268,7 @@ def test_two_port_range_quarantines_a_freed_port(relays, echo, agents):
     assert low <= p1 <= high
     assert a.stop(signal.SIGTERM) == 0
     wait_for(lambda: relay.tunnels() == [], 5, "A's tunnel to go")
-    assert not port_open(p1)
+    assert not listening(p1)
     b = agents(relay, "forward", str(echo.port), "--unencrypted")
     _, p2 = b.address()
     assert {p1, p2} == {low, high}
@@ -297,7 +297,7 @@ def test_signal_ends_tunnels_and_exits_zero(relay, echo, agents, sig):
         agent.proc.send_signal(sig)
         assert closed_within(visitor, 3)
     wait_for(lambda: relay.tunnels() == [], 3, "the tunnel to leave the admin list")
-    assert not port_open(port)
+    assert not listening(port)
     assert agent.wait(5) == 0
     assert time.monotonic() - signalled < 3
     err = agent.stderr_text()

@@ -31,7 +31,7 @@ from tests.e2e.harness import (
     _LineReader,
     connect,
     free_port,
-    port_open,
+    listening,
     recv_all,
     wait_for,
 )
@@ -262,7 +262,7 @@ def test_with_forward(relay, echo, programs, kind):
     assert program.finish() == 0
     assert no_tunnels(relay)
     if kind == "tcp":
-        assert not port_open(info["tcp_socket"][1])
+        assert not listening(info["tcp_socket"][1])
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -420,7 +420,7 @@ def test_exception_inside_with_releases_the_tunnel(relay, echo, programs):
     """, relay)
     sync = program.read()
     assert sync["error"] == "boom" and sync["status"] == "closed"
-    assert no_tunnels(relay) and not port_open(sync["port"])
+    assert no_tunnels(relay) and not listening(sync["port"])
     program.go()
     assert program.read() == {"style": "asyncio", "error": "'bang'"}
     assert program.finish() == 0

@@ -1,14 +1,13 @@
 """A real OpenSSH session through an unencrypted tunnel."""
 
-import shutil
 import subprocess
 
 import pytest
 
-from tests.e2e.harness import PrivateSSHD
+from tests.e2e.harness import PrivateSSHD, openssh_tools
 
 pytestmark = pytest.mark.skipif(
-    not (shutil.which("ssh") and shutil.which("ssh-keygen") and shutil.which(PrivateSSHD.SSHD)),
+    not all(openssh_tools().values()),
     reason="openssh-client/openssh-server not installed (.ci/run installs them)",
 )
 
@@ -26,4 +25,4 @@ def test_ssh_through_tunnel(relay, agents, tmp_path):
         assert out.returncode == 0, out.stderr
         assert out.stdout == payload
     finally:
-        sshd.close()
+        sshd.stop()

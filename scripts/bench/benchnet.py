@@ -1,8 +1,9 @@
-"""Network pieces of scripts/bench.py: the service, the delay line, the
+"""Network pieces of the benchmark: the service, the delay line, the
 visitor-side clients and two helper processes. Stdlib only (the `api` helper
-imports the installed `client` package).
+imports the installed `client` package): it is also run as a script, with
+only its own folder on sys.path.
 
-Run as a process by bench.py (`python benchnet.py ROLE ...`):
+Run as a process by the bench (`python scripts/bench/benchnet.py ROLE ...`):
 
 - `service`: an echo service (selectors, TCP_NODELAY, thousands of idle
   connections) and a bulk service (a thread per connection) on two ports;
@@ -12,8 +13,8 @@ Run as a process by bench.py (`python benchnet.py ROLE ...`):
 - `idle`: opens N visitor connections (1-byte echo each) and holds them;
 - `api`: times forward() open+close on a live link (the Python API).
 
-Imported by bench.py for the clients: bulk upload/download, many streams,
-ping-pong, new connections. A client speaks plain TCP or TLS (SNI + CA), so
+Imported by the bench (stacks.py, workloads.py) for the clients: bulk
+upload/download, many streams, ping-pong, new connections. A client speaks plain TCP or TLS (SNI + CA), so
 the same code measures every path.
 
 Bulk protocol (so that TLS visitors need no half-close): the client sends one
