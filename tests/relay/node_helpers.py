@@ -1,0 +1,104 @@
+"""A relay node's parts on in-memory transports: a TunnelManager over a
+MemoryReactorClock (listening ports recorded, no sockets), and agent links
+driven by a peer MuxConnection, for tests of routing and control handling."""
+
+from twisted.internet.testing import MemoryReactorClock, StringTransport
+
+from relay.mux import MuxConnection, Role
+from relay.mux import control
+from relay.mux import events as ev
+from relay.node.agents import AgentLinkFactory
+from relay.node.listeners import PublicPorts
+from relay.node.ports import PortAllocator
+from relay.node.tunnels import TunnelManager
+from relay.wire.metrics import Counters
+
+TOKEN = "s3cret-token-value-never-logged"
+LOW, HIGH = 21000, 21009
+DOMAIN = "tunnels.example"
+
+
+class Node:
+    """A TunnelManager, its metrics and an agent-link factory on one MemoryReactorClock."""
+
+    def __init__(self, grace_seconds: float = 60.0, quarantine_seconds: float = 120.0, directory=None):
+        self.reactor = MemoryReactorClock()
+        self.metrics = Counters()
+        self.allocator = PortAllocator(LOW, HIGH, quarantine_seconds, self.reactor)
+        self.tunnels = TunnelManager(
+            self.reactor,
+            PublicPorts(self.reactor, self.allocator, "127.0.0.1"),
+            public_host="relay.example",
+            domain=DOMAIN,
+            tls_port=443,
+            grace_seconds=grace_seconds,
+            metrics=self.metrics,
+            directory=directory,
+        )
+        self.factory = AgentLinkFactory(
+            self.reactor,
+            self.tunnels,
+            lambda token: token == TOKEN,
+            metrics=self.metrics,
+            keepalive_interval_seconds=10,
+            keepalive_timeout_seconds=30,
+        )
+
+    def listener(self, port: int):
+        """The factory listening on `port` (the memory reactor records every listenTCP)."""
+        [factory] = [f for p, f, _backlog, _iface in self.reactor.tcpServers if p == port]
+        return factory
+
+    def agent(self, token: str = TOKEN) -> "Agent":
+        return Agent(self, token)
+
+
+class Agent:
+    """One agent link: the relay's RelayLink on a StringTransport, and the
+    agent's MuxConnection that we drive by hand."""
+
+    def __init__(self, node: Node, token: str):
+        self.node = node
+        self.link = node.factory.buildProtocol(None)
+        self.transport = StringTransport()
+        self.link.makeConnection(self.transport)
+        self.mux = MuxConnection(Role.AGENT)
+        self.mux.send_hello({"token": token, "agent": "test"})
+        self.events = self._exchange()
+        self._next_id = 1
+
+    def _exchange(self) -> list:
+        self.link.dataReceived(b"".join(self.mux.outgoing()))
+        data = self.transport.value()
+        self.transport.clear()
+        return self.mux.receive_data(data) if data else []
+
+    def send(self, message: dict) -> list:
+        """Send one CONTROL message; the relay's answering events."""
+        self.mux.send_control(message)
+        return self._exchange()
+
+    def request(self, make) -> control.Reply:
+        """A request built by `make(request_id)`; its parsed reply."""
+        request_id, self._next_id = self._next_id, self._next_id + 1
+        events = [e for e in self.send(make(request_id)) if isinstance(e, ev.ControlReceived)]
+        [reply] = [control.parse_reply(e.message) for e in events if e.message.get("id") == request_id]
+        return reply
+
+    def open(self, services=({"name": "", "kind": "tcp"},), reclaim=None, **fields) -> control.Reply:
+        wire = {"name": "t", "services": list(services), **fields}
+        return self.request(lambda rid: control.open_tunnel_request(rid, wire, reclaim))
+
+    def close(self, tunnel_id: str) -> control.Reply:
+        return self.request(lambda rid: control.close_tunnel_request(rid, tunnel_id))
+
+    def pump(self) -> list:
+        """Events for whatever the relay wrote since the last exchange."""
+        return self._exchange()
+
+    def lose(self) -> None:
+        """The TCP connection is gone without a goodbye."""
+        from twisted.internet.error import ConnectionLost
+        from twisted.python.failure import Failure
+
+        self.link.connectionLost(Failure(ConnectionLost()))
