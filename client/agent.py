@@ -33,6 +33,7 @@ from client.proxyheader import proxy_header
 from relay.wire.link import DEFAULT_KEEPALIVE_INTERVAL_SECONDS, DEFAULT_KEEPALIVE_TIMEOUT_SECONDS, MuxLink, SplicedConnection
 from relay.mux import ErrorCode, MuxConnection, Role
 from relay.mux import control
+from relay.wire.metrics import NULL_METRICS
 from relay.wire.tlslayer import TLSLayerFactory
 
 AGENT_NAME = "tunnel-client/0.1"
@@ -204,6 +205,7 @@ class AgentLink(MuxLink):
 
     def on_goaway(self, code, message: str):
         if code == ErrorCode.AUTH_FAILED:
+            self.agent.metrics.auth_failed(self.agent.relay_host)
             self.agent.fail(AuthenticationError(
                 "the relay refused the token: check TUNNEL_TOKEN / --token "
                 "(a relay started with --rotate-token invalidates old tokens)"
@@ -281,6 +283,7 @@ class TunnelAgent:
         max_retries: int | None = None,
         keepalive_interval_seconds: float = DEFAULT_KEEPALIVE_INTERVAL_SECONDS,
         keepalive_timeout_seconds: float = DEFAULT_KEEPALIVE_TIMEOUT_SECONDS,
+        metrics=NULL_METRICS,
     ):
         if not token:
             raise ConfigurationError("no token: set TUNNEL_TOKEN or pass --token")
@@ -295,6 +298,7 @@ class TunnelAgent:
         self.max_retries = max_retries
         self.keepalive_interval_seconds = keepalive_interval_seconds
         self.keepalive_timeout_seconds = keepalive_timeout_seconds
+        self.metrics = metrics  # relay.wire.metrics.IMetricsObserver
         self.link: AgentLink | None = None
         self.done = defer.Deferred()
         self._ever_ready = False
@@ -327,7 +331,7 @@ class TunnelAgent:
         if tunnel.tunnel_id is not None and self.tunnels_by_id.get(tunnel.tunnel_id) is tunnel:
             del self.tunnels_by_id[tunnel.tunnel_id]
         was_open = tunnel.status in ("live", "reconnecting", "opening")
-        tunnel.status = "closed"
+        self._mark_closed(tunnel)
         link = self.link
         if not was_open or tunnel.tunnel_id is None or link is None or not link.ready or link.closed:
             return defer.succeed(None)  # nothing granted, or the relay frees it when grace ends
@@ -464,7 +468,7 @@ class TunnelAgent:
         if self.link is not None:
             self.link.close_link(ErrorCode.NO_ERROR, "agent stopping")
         for tunnel in self.tunnels:
-            tunnel.status = "closed"
+            self._mark_closed(tunnel)
             tunnel.error = error
             if not tunnel.opened.called:
                 tunnel.opened.errback(error)
@@ -479,6 +483,7 @@ class TunnelAgent:
 
     def link_ready(self, link: AgentLink) -> None:
         self.link = link
+        self.metrics.link_up(link.session_id, f"{self.relay_host}:{self.relay_port}")
         first = not self._ever_ready
         self._ever_ready = True
         if not first:
@@ -489,6 +494,8 @@ class TunnelAgent:
     def link_lost(self, link: AgentLink) -> None:
         if self.link is link:
             self.link = None
+        if link.ready:
+            self.metrics.link_down(link.session_id, "stopping" if self._stopping else "lost")
         if self._link_gone is not None and not self._link_gone.called:
             self._link_gone.callback(None)
         pending, self._pending = self._pending, {}
@@ -568,7 +575,7 @@ class TunnelAgent:
             self._give_back(tunnel_id)
             self.tunnels.remove(tunnel)
             self.tunnels_by_id.pop(tunnel.tunnel_id, None)
-            tunnel.status = "closed"
+            self._mark_closed(tunnel)
             tunnel.error = TunnelLostError(
                 f"{' '.join(old_urls)} expired while the link to the relay was down"
             )
@@ -585,6 +592,8 @@ class TunnelAgent:
         tunnel.status = "live"
         if not old_urls:
             event = "open"
+            kinds = {e.kind for e in tunnel.endpoints}
+            self.metrics.tunnel_opened(tunnel.tunnel_id, kinds.pop() if len(kinds) == 1 else "mixed")
             for endpoint in tunnel.endpoints:
                 self._log.info(
                     "forwarding {url} -> {target}", url=endpoint.url, target=endpoint.service.target
@@ -602,6 +611,11 @@ class TunnelAgent:
         if not tunnel.opened.called:
             tunnel.opened.callback(tunnel)
 
+    def _mark_closed(self, tunnel: Tunnel) -> None:
+        if tunnel.status != "closed" and tunnel.endpoints:
+            self.metrics.tunnel_closed(tunnel.tunnel_id, "closed")
+        tunnel.status = "closed"
+
     def _refused(self, tunnel: Tunnel, error: TunnelError) -> None:
         if tunnel.keep_address and tunnel.urls:
             # A reconnect found the addresses expired and the relay could not
@@ -616,7 +630,7 @@ class TunnelAgent:
         self.tunnels.remove(tunnel)
         if tunnel.tunnel_id is not None and self.tunnels_by_id.get(tunnel.tunnel_id) is tunnel:
             del self.tunnels_by_id[tunnel.tunnel_id]
-        tunnel.status = "closed"
+        self._mark_closed(tunnel)
         tunnel.error = error
         if not tunnel.opened.called:
             tunnel.opened.errback(error)
