@@ -22,14 +22,19 @@ it uses are in `relay.wire.twisted_internals`, each with a test.
 
 Installed only when no reactor is installed yet: ``twistd --reactor=...``
 still wins. Code that gets a different reactor (tests with ``task.Clock``,
-other reactors) simply has no ``call_at_turn_end`` and writes at once.
+other reactors) does not provide `relay.wire.interfaces.ITurnEndReactor`
+and writes at once.
 """
 
 import sys
 
+from zope.interface import implementer
+
+from relay.wire.interfaces import ITurnEndReactor
 from relay.wire.twisted_internals import TurnEndEPollReactor
 
 
+@implementer(ITurnEndReactor)
 class RelayReactor(TurnEndEPollReactor):
     """The epoll reactor with the turn-end hook; the overrides of Twisted's
     loop that run it are in `relay.wire.twisted_internals`."""
