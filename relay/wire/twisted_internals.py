@@ -1,8 +1,10 @@
 """Every private Twisted attribute and method tunnel-relay relies on, in one place.
 
-What this module is: the only code in `relay` and `client` that reads or
-replaces a Twisted name outside its interfaces (``twisted.internet.interfaces``)
-and documented public methods. `relay.wire.tcpio` and `relay.wire.reactor`
+What this module is: the only code in `relay` and `client` that reads,
+replaces or overrides a private Twisted name: an underscored one, or an
+implementation detail outside ``twisted.internet.interfaces`` (``dataBuffer``,
+``offset``, ``TLS``, ``socket``, ``doRead`` on an instance, the reactor's
+``timeout``/``doPoll``). `relay.wire.tcpio` and `relay.wire.reactor`
 build on it; nothing else imports it. Each behaviour below has a test in
 tests/relay/test_twisted_internals.py that fails if Twisted changes it, and
 setup.cfg pins Twisted to the releases those tests passed on.
@@ -49,7 +51,7 @@ Relied on, and why (figures from docs/performance.md, "What changed in this roun
 3. `TurnEndEPollReactor` (``RelayReactor``: round trip 440-500 -> 400-416
    us, relay CPU per new connection 350 -> 230 us). ``ReactorBase.mainLoop``
    calls ``timeout()`` (None: no timed call; else seconds to the next) and
-   passes the result to ``doIteration``: returning 0.0 from ``timeout()``
+   passes the result (False once stopping) to ``doIteration``: returning 0.0 from ``timeout()``
    keeps the next poll from blocking, and ``doIteration`` may be replaced.
    ``EPollReactor`` keeps its ``select.epoll`` in ``_poller`` and maps each
    watched fd to its selectable in ``_selectables``;
