@@ -28,8 +28,8 @@ from zope.interface import implementer
 from relay.mux import ErrorCode, MuxConnection, MuxProtocolError, MuxUsageError
 from relay.mux.connection import LinkState
 from relay.mux import events as ev
+from relay.wire.interfaces import ILayeredTransport, IMemoryviewReceiver, ITurnEndReactor
 from relay.wire.tcpio import read_into_shared_buffer, set_socket_options, write_now
-from relay.wire.tlslayer import TLSLayer
 
 DEFAULT_KEEPALIVE_INTERVAL_SECONDS = 10.0
 DEFAULT_KEEPALIVE_TIMEOUT_SECONDS = 30.0
@@ -209,15 +209,13 @@ class SplicedConnection(Protocol):
             self.transport.abortConnection()
 
 
-@implementer(IPushProducer)
+# IMemoryviewReceiver: the frame decoder copies each payload (relay.wire.tlslayer).
+@implementer(IPushProducer, IMemoryviewReceiver)
 class MuxLink(Protocol):
     """One mux link over a stream transport; subclasses add the relay's or the
     agent's behaviour through the on_* hooks."""
 
     _log = Logger()
-    # dataReceived may get a memoryview of a buffer reused after it returns:
-    # the frame decoder copies each payload (relay.wire.tlslayer, relay.wire.tcpio).
-    accepts_memoryview = True
 
     def __init__(
         self,
@@ -239,7 +237,7 @@ class MuxLink(Protocol):
         self._keepalive_call = None
         self._close_deadline = None
         self._resume_turn = 0
-        self._at_turn_end = getattr(clock, "call_at_turn_end", None)
+        self._at_turn_end = clock.call_at_turn_end if ITurnEndReactor.providedBy(clock) else None
         self._flush_queued = False
         self._handlers = {
             ev.HelloReceived: self._on_hello_event,
@@ -259,10 +257,10 @@ class MuxLink(Protocol):
         peer = self.transport.getPeer()
         self.peer = f"{getattr(peer, 'host', '?')}:{getattr(peer, 'port', '?')}"
         set_socket_options(self.transport)
-        if isinstance(self.transport, TLSLayer):
+        if ILayeredTransport.providedBy(self.transport) and IMemoryviewReceiver.providedBy(self.transport):
             # Large reads for bulk, without a large allocation per read; the
             # TLS layer copies each read into its BIO (tcpio.read_into_shared_buffer).
-            read_into_shared_buffer(self.transport.transport, self.transport.dataReceived)
+            read_into_shared_buffer(self.transport.raw_transport(), self.transport.dataReceived)
         self.transport.registerProducer(self, True)
         self.last_received = self.clock.seconds()
         self._keepalive_call = self.clock.callLater(self.keepalive_interval_seconds, self._keepalive)

@@ -17,64 +17,31 @@ reactor with two changes, both measured in docs/performance.md.
    (which already catches and logs application errors), and only an error
    escaping that is logged.
 
+The overridden loop (``timeout``, ``doPoll``) and the private Twisted names
+it uses are in `relay.wire.twisted_internals`, each with a test.
+
 Installed only when no reactor is installed yet: ``twistd --reactor=...``
 still wins. Code that gets a different reactor (tests with ``task.Clock``,
-other reactors) simply has no ``call_at_turn_end`` and writes at once.
+other reactors) does not provide `relay.wire.interfaces.ITurnEndReactor`
+and writes at once.
 """
 
-import errno
 import sys
 
-from twisted.internet.epollreactor import EPollReactor
-from twisted.logger import Logger
+from zope.interface import implementer
+
+from relay.wire.interfaces import ITurnEndReactor
+from relay.wire.twisted_internals import TurnEndEPollReactor
 
 
-class RelayReactor(EPollReactor):
-    _log = Logger()
-
-    def __init__(self):
-        self._turn_end: list = []
-        super().__init__()
+@implementer(ITurnEndReactor)
+class RelayReactor(TurnEndEPollReactor):
+    """The epoll reactor with the turn-end hook; the overrides of Twisted's
+    loop that run it are in `relay.wire.twisted_internals`."""
 
     def call_at_turn_end(self, f) -> None:
         """Run f() after the events of this poll batch (once per call)."""
         self._turn_end.append(f)  # from a timer: timeout() makes the next poll return at once
-
-    def timeout(self):
-        if self._turn_end:
-            return 0.0
-        return super().timeout()
-
-    def doPoll(self, timeout):
-        if timeout is None:
-            timeout = -1  # wait indefinitely
-        try:
-            events = self._poller.poll(timeout, len(self._selectables))
-        except OSError as err:
-            if err.errno == errno.EINTR:
-                return
-            raise
-        get = self._selectables.get
-        handle = self._doReadOrWrite
-        for fd, event in events:
-            selectable = get(fd)
-            if selectable is None:
-                continue
-            try:
-                handle(selectable, fd, event)
-            except Exception:
-                # _doReadOrWrite catches application errors; this is a failure
-                # inside its own disconnect handling. Log it and go on.
-                self._log.failure("error handling an event of {selectable!r}", selectable=selectable)
-        while self._turn_end:
-            calls, self._turn_end = self._turn_end, []
-            for call in calls:
-                try:
-                    call()
-                except Exception:
-                    self._log.failure("error in a turn-end call")
-
-    doIteration = doPoll
 
 
 def install() -> None:

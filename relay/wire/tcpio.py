@@ -8,11 +8,14 @@ write; a 1-byte round trip crosses four such hops. When nothing is queued the
 kernel almost always takes the bytes at once, so we hand them to ``send()``
 straight away (asyncio's transports do the same) and queue only what it did
 not take, in order, behind Twisted's usual buffering and backpressure.
+
+What these helpers read or replace inside Twisted's transports (the write
+queue, ``doRead``) is in `relay.wire.twisted_internals`, with its tests.
 """
 
 import threading
 
-from twisted.internet.main import CONNECTION_LOST as _CONNECTION_LOST
+from relay.wire.twisted_internals import idle_socket, reads_replaceable, replace_do_read
 
 LISTEN_BACKLOG = 1024  # agents and services on loopback burst; Twisted's 50 drops SYNs
 
@@ -28,28 +31,9 @@ def set_socket_options(transport, keepalive: bool = False) -> None:
         pass  # not a TCP transport (tests, UNIX sockets)
 
 
-def _idle_socket(transport):
-    """The transport's socket if it is a Twisted FileDescriptor with nothing
-    queued and writing still open; None for anything else (TLS layers, test
-    transports, a closing connection), which then takes the plain write()."""
-    if getattr(transport, "_tempDataLen", None) != 0:
-        return None
-    if (
-        not transport.connected
-        or transport.disconnecting
-        or getattr(transport, "_aborting", False)
-        or getattr(transport, "TLS", False)  # after startTLS the socket carries ciphertext
-        or transport._writeDisconnecting
-        or transport._writeDisconnected
-        or transport.offset != len(transport.dataBuffer)
-    ):
-        return None
-    return getattr(transport, "socket", None)
-
-
 def write_now(transport, data: bytes) -> None:
     """``transport.write(data)``, sent at once when the transport is idle."""
-    sock = _idle_socket(transport) if data else None
+    sock = idle_socket(transport) if data else None
     if sock is None:
         transport.write(data)
         return
@@ -69,7 +53,7 @@ def write_now(transport, data: bytes) -> None:
 def write_sequence_now(transport, chunks: list) -> None:
     """``transport.writeSequence(chunks)``, sent at once in one ``sendmsg``
     (no join) when the transport is idle."""
-    sock = _idle_socket(transport)
+    sock = idle_socket(transport)
     if sock is None:
         transport.writeSequence(chunks)
         return
@@ -117,36 +101,6 @@ def read_into_shared_buffer(transport, deliver=None) -> None:
     only forward each read; EOF still goes through the transport's protocol.
     Other transports are left as they are.
     """
-    sock = getattr(transport, "socket", None)
-    if sock is None or not hasattr(transport, "_dataReceived"):
+    if not reads_replaceable(transport):
         return
-    recv_into = sock.recv_into
-    received = transport._dataReceived
-    view = _link_read_view()  # called in the transport's reactor thread
-
-    if deliver is None:
-
-        def doRead():
-            try:
-                n = recv_into(view)
-            except (BlockingIOError, InterruptedError):
-                return None
-            except OSError:
-                return _CONNECTION_LOST
-            return received(view[:n])  # an empty view is EOF, as b"" is
-
-    else:
-
-        def doRead():
-            try:
-                n = recv_into(view)
-            except (BlockingIOError, InterruptedError):
-                return None
-            except OSError:
-                return _CONNECTION_LOST
-            if not n:
-                return received(b"")  # EOF: Twisted's own path to connectionLost
-            deliver(view[:n])
-            return None
-
-    transport.doRead = doRead
+    replace_do_read(transport, _link_read_view(), deliver)  # the view: in the transport's reactor thread

@@ -79,6 +79,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from relay.wire.interfaces import ILayeredTransport, IMemoryviewReceiver
 from relay.wire.tcpio import write_now, write_sequence_now
 
 DEFAULT_HANDSHAKE_TIMEOUT_SECONDS = 10.0
@@ -89,8 +90,8 @@ DEFAULT_CLOSE_TIMEOUT_SECONDS = 5.0
 # SSLObject.read() returns at most one record.
 RECORD_BYTES = 16 * 1024
 # Decrypted bytes handed to inner.dataReceived at once: up to 256 KiB as a
-# memoryview to an inner protocol that copies what it keeps (its class sets
-# ``accepts_memoryview = True``: the mux link), else 64 KiB as bytes.
+# memoryview to an inner protocol that copies what it keeps (it provides
+# `relay.wire.interfaces.IMemoryviewReceiver`: the mux link), else 64 KiB as bytes.
 # Allocations above glibc's mmap threshold (128 KiB) cost an mmap, a page
 # fault per 4 KiB and a munmap each: every buffer on the data path stays
 # below it or is reused.
@@ -145,7 +146,12 @@ _EOF = "eof"
 _SSL_SOURCE_POSITION = re.compile(r" \(_ssl\.c:\d+\)$")
 
 
-@implementer(IHalfCloseableProtocol, ITCPTransport, ISSLTransport, IConsumer, IPushProducer)
+# IMemoryviewReceiver: dataReceived writes what it is given into the incoming
+# BIO at once; ILayeredTransport: raw_transport() is the TCP connection under it.
+@implementer(
+    IHalfCloseableProtocol, ITCPTransport, ISSLTransport, IConsumer, IPushProducer,
+    IMemoryviewReceiver, ILayeredTransport,
+)
 class TLSLayer(Protocol):
     """The protocol of one raw TCP connection and the transport of ``inner``.
 
@@ -180,6 +186,7 @@ class TLSLayer(Protocol):
         else:
             self._inner, self._make_inner = None, inner
         self._inner_half_closeable = IHalfCloseableProtocol.providedBy(inner)
+        self._inner_takes_views = IMemoryviewReceiver.providedBy(inner)
         self._clock = clock
         self._handshake_timeout_seconds = handshake_timeout_seconds
         self._close_timeout_seconds = close_timeout_seconds
@@ -294,6 +301,7 @@ class TLSLayer(Protocol):
                 self.loseConnection()
                 return
             self._inner_half_closeable = IHalfCloseableProtocol.providedBy(self._inner)
+            self._inner_takes_views = IMemoryviewReceiver.providedBy(self._inner)
         self._inner.makeConnection(self)
         # The client's first request often shares a segment with its Finished.
         if self._phase is _Phase.OPEN and not self._read_paused:
@@ -327,7 +335,7 @@ class TLSLayer(Protocol):
         read = sslobj.read
         incoming = self._incoming
         deliver = self._inner.dataReceived
-        views = getattr(self._inner, "accepts_memoryview", False)
+        views = self._inner_takes_views
         limit = DELIVER_VIEW_BYTES if views else DELIVER_BYTES
         scratch = _scratch_view()
         while True:
@@ -469,6 +477,10 @@ class TLSLayer(Protocol):
         self._cancel(self._handshake_call)
         self._handshake_call = None
         self.transport.abortConnection()
+
+    def raw_transport(self):
+        """The TCP transport under this layer (ILayeredTransport)."""
+        return self.transport
 
     def getPeer(self):
         return self.transport.getPeer()

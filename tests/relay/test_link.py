@@ -5,8 +5,10 @@ import pytest
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.logger import capturedLogs
+from zope.interface import implementer
 
 from relay.node.agents import AgentLinkFactory
+from relay.wire.interfaces import ITurnEndReactor
 from relay.wire.link import MuxLink, SplicedConnection
 from relay.mux import ErrorCode, MuxConnection, Role
 from relay.mux import events as ev
@@ -57,6 +59,7 @@ def frames_of(data: bytes):
     return fr.FrameDecoder(fr.MAX_FRAME_PAYLOAD).feed(data)
 
 
+@implementer(ITurnEndReactor)
 class TurnEndClock(Clock):
     """A fake clock with RelayReactor's turn-end hook, run by hand."""
 

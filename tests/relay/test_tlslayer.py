@@ -25,6 +25,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from relay.node.state import load_or_create
+from relay.wire.interfaces import IMemoryviewReceiver
 from relay.wire.tlslayer import DELIVER_BYTES, DELIVER_VIEW_BYTES, RECORD_BYTES, TLSLayer
 
 MIB = 1024 * 1024
@@ -307,8 +308,9 @@ class ChunkInner(RecordingInner):
         super().dataReceived(data)
 
 
+@implementer(IMemoryviewReceiver)  # copies what it keeps, as the mux link does
 class ViewInner(ChunkInner):
-    accepts_memoryview = True  # copies what it keeps, as the mux link does
+    pass
 
 
 @pytest.mark.parametrize(
@@ -720,9 +722,8 @@ def test_two_reactor_threads_never_share_a_decrypt_buffer(pki):
 
     corrupted = []
 
+    @implementer(IMemoryviewReceiver)
     class LetterInner(RecordingInner):
-        accepts_memoryview = True
-
         def __init__(self, letter):
             super().__init__()
             self.letter = letter
