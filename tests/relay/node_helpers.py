@@ -22,6 +22,7 @@ class Node:
     """A TunnelManager, its metrics and an agent-link factory on one MemoryReactorClock."""
 
     def __init__(self, grace_seconds: float = 60.0, quarantine_seconds: float = 120.0, directory=None):
+        """`directory`: a directory class, made with this node's clock (default MemoryDirectory)."""
         self.reactor = MemoryReactorClock()
         self.metrics = Counters()
         self.allocator = PortAllocator(LOW, HIGH, quarantine_seconds, self.reactor)
@@ -33,7 +34,7 @@ class Node:
             tls_port=443,
             grace_seconds=grace_seconds,
             metrics=self.metrics,
-            directory=directory,
+            directory=directory(self.reactor) if directory is not None else None,
         )
         self.factory = AgentLinkFactory(
             self.reactor,

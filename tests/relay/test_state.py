@@ -410,3 +410,22 @@ def test_agent_address_with_newline_is_refused(tmp_path):
     with pytest.raises(ValueError):
         _start(tmp_path, agent_address="a:1\nTUNNEL_TOKEN=forged")
     assert not (tmp_path / "client.env").exists()
+
+
+@pytest.mark.parametrize("presented", ["\udc80", "tok\ud800en", "\udfff" * 100])
+def test_a_token_with_lone_surrogates_is_refused_not_an_exception(tmp_path, presented):
+    """A lone surrogate is valid JSON text but not UTF-8: the token check says no, it never raises."""
+    state = _start(tmp_path / "state")
+    assert check_token(state, presented) is False
+
+
+def test_a_state_folder_made_with_another_mode_is_tightened_on_start(tmp_path):
+    """A state folder that already exists as 0755 is 0700 after the relay starts."""
+    folder = tmp_path / "state"
+    folder.mkdir(mode=0o755)
+    os.chmod(folder, 0o755)
+    _start(folder)
+    assert _mode(folder) == 0o700
+    os.chmod(folder, 0o755)
+    _start(folder)  # a second start, with the files already there
+    assert _mode(folder) == 0o700

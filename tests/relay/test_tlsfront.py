@@ -124,8 +124,8 @@ def test_terminate_opens_the_stream_only_after_the_handshake(contexts):
 
 def test_bytes_during_a_slow_directory_lookup_are_held_and_passed_on_in_order(contexts):
     """While the directory has not answered, reading pauses and what arrived is delivered after the hello, in order."""
-    directory = SlowDirectory()
-    node = Node(directory=directory)
+    node = Node(directory=SlowDirectory)
+    directory = node.tunnels.directory
     agent, tunnel = tls_tunnel(node, mode="passthrough")
     router, transport = visitor(node, contexts)
     hello = client_hello(tunnel["hostname"])
@@ -144,8 +144,8 @@ def test_a_visitor_that_leaves_during_the_lookup_opens_no_stream(contexts):
     from twisted.internet.error import ConnectionDone
     from twisted.python.failure import Failure
 
-    directory = SlowDirectory()
-    node = Node(directory=directory)
+    node = Node(directory=SlowDirectory)
+    directory = node.tunnels.directory
     agent, tunnel = tls_tunnel(node, mode="passthrough")
     router, transport = visitor(node, contexts)
     router.dataReceived(client_hello(tunnel["hostname"]))

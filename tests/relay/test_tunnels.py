@@ -186,8 +186,8 @@ def test_a_visitor_opens_a_stream_with_its_addresses_and_the_allowlist_refuses_o
 class SlowDirectory(MemoryDirectory):
     """A directory whose hostname lookups answer only when told (as a remote one would)."""
 
-    def __init__(self):
-        super().__init__()
+    def __init__(self, clock):
+        super().__init__(clock)
         self.waiting: list[tuple[defer.Deferred, str]] = []
 
     def by_hostname(self, hostname):
@@ -203,12 +203,29 @@ class SlowDirectory(MemoryDirectory):
 
 def test_the_manager_runs_on_any_directory_that_provides_the_interface():
     """TunnelManager takes any ITunnelDirectory; a lookup that answers later answers through it."""
-    directory = SlowDirectory()
+    node = Node(directory=SlowDirectory)
+    directory = node.tunnels.directory
     assert ITunnelDirectory.providedBy(directory)
-    node = Node(directory=directory)
     agent = node.agent()
     hostname = agent.open(services=[{"name": "", "kind": "tls"}]).body["tunnel"]["hostname"]
     d = node.tunnels.route_hostname(hostname)
     assert not d.called
     directory.answer()
     assert d.result[0].endpoints[0].hostname == hostname
+
+
+def test_an_ended_tunnel_s_id_stays_out_of_use_for_a_day_then_is_forgotten():
+    """The directory never hands out a live id or one that ended within RECENT_ID_SECONDS, and forgets older ones (bounded memory)."""
+    from relay.node import directory as directory_module
+
+    node = Node()
+    agent = node.agent()
+    directory = node.tunnels.directory
+    tunnel_id = agent.open().body["tunnel"]["id"]
+    assert directory.id_in_use(tunnel_id)
+    agent.close(tunnel_id)
+    node.reactor.advance(directory_module.RECENT_ID_SECONDS - 1)
+    assert directory.id_in_use(tunnel_id)
+    node.reactor.advance(2)
+    assert not directory.id_in_use(tunnel_id)
+    assert directory._ended == {} and directory._ids == set()
