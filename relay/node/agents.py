@@ -16,17 +16,20 @@ from twisted.logger import Logger
 from relay.mux import ErrorCode, MuxConnection, Role
 from relay.mux import control
 from relay.mux.control import CloseTunnel, OpenTunnel, TunnelRequestError
+from relay.node.login import LoginGuard
 from relay.wire.link import MuxLink, SplicedConnection
 from relay.wire.metrics import NULL_METRICS
+from relay.wire.tlslayer import TLSLayer, TLSLayerFactory
 
 DEFAULT_HANDSHAKE_TIMEOUT_SECONDS = 10.0
+BUSY_LOG_SECONDS = 10.0  # at most one "too many logins" line this often
 RELAY_AGENT_NAME = "tunnel-relay/0.1"
 
 
 class RelayLink(MuxLink):
     _log = Logger()
 
-    def __init__(self, factory: "AgentLinkFactory"):
+    def __init__(self, factory: "AgentLinkFactory", source: str = "?"):
         super().__init__(
             MuxConnection(Role.RELAY),
             factory.reactor,
@@ -41,11 +44,20 @@ class RelayLink(MuxLink):
         self.authenticated = False
         self.graceful = False  # the agent said GOAWAY(NO_ERROR): free its tunnels now
         self._handshake_call = None
+        self.source = source  # the peer's address, for the login guard
+        self.accepted_at = self.clock.seconds()  # TCP accept: TLS and HELLO share one deadline
+        self._login_pending = True  # counted by the login guard until it ends
 
     def on_connected(self):
-        self._handshake_call = self.clock.callLater(
-            self.factory.handshake_timeout_seconds, self._handshake_expired
-        )
+        # One deadline for TLS and HELLO together, counted from the accept.
+        left = self.factory.handshake_timeout_seconds - (self.clock.seconds() - self.accepted_at)
+        self._handshake_call = self.clock.callLater(max(left, 0.0), self._handshake_expired)
+
+    def login_ended(self) -> None:
+        """Authenticated, or the connection is gone: no longer a pending login."""
+        if self._login_pending:
+            self._login_pending = False
+            self.factory.login_guard.finished(self.source)
 
     def _handshake_expired(self):
         self._handshake_call = None
@@ -55,11 +67,14 @@ class RelayLink(MuxLink):
 
     def on_hello(self, info: dict):
         if not self.factory.check_token(info.get("token")):
-            self._log.warn("agent {peer} refused: bad token", peer=self.peer)
+            if not self.factory.login_guard.banned(self.source):
+                self._log.warn("agent {peer} refused: bad token", peer=self.peer)
             self.metrics.auth_failed(self.peer)
+            self.factory.login_guard.bad_token(self.source)
             self.close_link(ErrorCode.AUTH_FAILED, "token refused")
             return
         self.authenticated = True
+        self.login_ended()
         if self._handshake_call is not None and self._handshake_call.active():
             self._handshake_call.cancel()
         self._handshake_call = None
@@ -192,6 +207,7 @@ class RelayLink(MuxLink):
         )
 
     def on_link_lost(self, reason):
+        self.login_ended()
         if self._handshake_call is not None and self._handshake_call.active():
             self._handshake_call.cancel()
         if self.authenticated:
@@ -217,8 +233,11 @@ class AgentLinkFactory(ServerFactory):
         handshake_timeout_seconds: float = DEFAULT_HANDSHAKE_TIMEOUT_SECONDS,
         keepalive_interval_seconds: float,
         keepalive_timeout_seconds: float,
+        login_guard: LoginGuard | None = None,
     ):
         self.reactor = reactor
+        self.login_guard = login_guard if login_guard is not None else LoginGuard(reactor)
+        self._busy_logged_at = None
         self.tunnels = tunnels  # relay.node.tunnels.TunnelManager
         self.metrics = metrics
         self.check_token = check_token
@@ -227,8 +246,36 @@ class AgentLinkFactory(ServerFactory):
         self.keepalive_timeout_seconds = keepalive_timeout_seconds
 
     def buildProtocol(self, addr):
-        return RelayLink(self)
+        source = str(getattr(addr, "host", "?"))
+        refused = self.login_guard.admit(source)
+        if refused is not None:
+            self._refused_at_accept(source, refused)
+            return None  # Twisted closes it at once: no TLS work for it
+        return RelayLink(self, source)
+
+    def _refused_at_accept(self, source: str, why: str) -> None:
+        if why == "banned":
+            return  # the ban's start was logged once
+        now = self.reactor.seconds()
+        if self._busy_logged_at is None or now - self._busy_logged_at >= BUSY_LOG_SECONDS:
+            self._busy_logged_at = now  # one line per burst, not per connection
+            self._log.warn(
+                "agent port: {pending} logins in progress ({why}): refusing new connections from {source}",
+                pending=self.login_guard.pending, why=why, source=source,
+            )
 
     def tls_handshake_failed(self, reason: str) -> None:
         """A connection on the agent port that never became a TLS session."""
         self._log.warn("agent connection dropped before its handshake: {reason}", reason=reason)
+
+
+class AgentPortFactory(TLSLayerFactory):
+    """The agent port: our stdlib TLS layer around each RelayLink, telling the
+    link when its raw connection ends, so a login that never got past TLS
+    still leaves the login guard's count."""
+
+    def buildProtocol(self, addr):
+        link = self.wrapped.buildProtocol(addr)
+        if link is None:
+            return None
+        return TLSLayer(self.context, link, self.clock, on_lost=link.login_ended, **self.layer_options)

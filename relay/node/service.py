@@ -22,7 +22,7 @@ from twisted.logger import Logger
 from twisted.python import usage
 from twisted.web.server import Site
 
-from relay.node.agents import DEFAULT_HANDSHAKE_TIMEOUT_SECONDS, AgentLinkFactory
+from relay.node.agents import DEFAULT_HANDSHAKE_TIMEOUT_SECONDS, AgentLinkFactory, AgentPortFactory
 from relay.mux import ErrorCode
 from relay.wire.link import DEFAULT_KEEPALIVE_INTERVAL_SECONDS, DEFAULT_KEEPALIVE_TIMEOUT_SECONDS
 from relay.node.listeners import PublicPorts
@@ -30,7 +30,6 @@ from relay.node.ports import PortAllocator
 from relay.node.tunnels import DEFAULT_GRACE_SECONDS, TunnelManager
 from relay.wire.metrics import Counters
 from relay.wire.tcpio import LISTEN_BACKLOG
-from relay.wire.tlslayer import TLSLayerFactory
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -252,7 +251,7 @@ def makeService(options) -> service.IService:
     agent_endpoint = f"tcp:{o['agent-port']}:interface={q(o['agent-interface'])}:backlog={LISTEN_BACKLOG}"
     strports.service(
         agent_endpoint,
-        TLSLayerFactory(
+        AgentPortFactory(
             agent_tls, agent_factory, reactor, handshake_timeout_seconds=o["handshake-timeout"],
             on_handshake_failed=agent_factory.tls_handshake_failed,
         ),

@@ -173,6 +173,7 @@ class TLSLayer(Protocol):
         handshake_timeout_seconds: float = DEFAULT_HANDSHAKE_TIMEOUT_SECONDS,
         close_timeout_seconds: float = DEFAULT_CLOSE_TIMEOUT_SECONDS,
         on_handshake_failed: Callable[[str], None] | None = None,
+        on_lost: Callable[[], None] | None = None,
         server_side: bool = True,
         server_hostname: str | None = None,
         verify: Callable[[bytes | None], None] | None = None,
@@ -191,6 +192,7 @@ class TLSLayer(Protocol):
         self._handshake_timeout_seconds = handshake_timeout_seconds
         self._close_timeout_seconds = close_timeout_seconds
         self._on_handshake_failed = on_handshake_failed
+        self._on_lost = on_lost  # the raw connection ended, handshake or not
         self.negotiated_protocol: str | None = None
         self.disconnecting = False  # as on Twisted transports: loseConnection was called
         self._phase = _Phase.HANDSHAKING
@@ -264,6 +266,8 @@ class TLSLayer(Protocol):
         was_handshaking = self._phase is _Phase.HANDSHAKING
         self._move("lost")
         self._cancel_timers()
+        if self._on_lost is not None:
+            self._on_lost()
         if was_handshaking:
             self._report_handshake_failure("connection lost during the TLS handshake")
         if self._inner is not None and self._handshake_completed and not self._inner_lost:
