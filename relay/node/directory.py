@@ -88,6 +88,7 @@ class Tunnel:
     endpoints: list[Endpoint] = field(default_factory=list)
     allow: tuple = ()  # ip_network objects; empty: everyone
     client_ca: bytes | None = field(default=None, repr=False)  # PEM, for relay-side mTLS
+    client_ca_digest: bytes | None = field(default=None, repr=False)  # sha256 of client_ca
     # The live links serving it, oldest first; empty while it waits in grace.
     links: list = field(default_factory=list)
     detached_at: float | None = None

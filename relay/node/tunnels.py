@@ -21,18 +21,21 @@ sish and localtunnel).
 
 from __future__ import annotations
 
+import hashlib
 import secrets
 
 from twisted.internet import defer
 from twisted.logger import Logger
 
 from relay.mux.control import (
+    LimitExceededError,
     OpenTunnel,
     RequestErrorCode,
     TunnelRequestError,
     UnknownTunnelError,
 )
 from relay.node.directory import Endpoint, ITunnelDirectory, MemoryDirectory, Tunnel, secret_digest
+from relay.node.limits import DEFAULT_LIMITS, SessionLimits
 from relay.node.listeners import PublicPorts, VisitorFactory
 from relay.wire.metrics import NULL_METRICS
 
@@ -77,6 +80,7 @@ class TunnelManager:
         grace_seconds: float = DEFAULT_GRACE_SECONDS,
         directory: ITunnelDirectory | None = None,
         metrics=NULL_METRICS,
+        limits: SessionLimits = DEFAULT_LIMITS,
     ):
         self.reactor = reactor
         self.ports = ports
@@ -87,8 +91,12 @@ class TunnelManager:
         self.directory = directory if directory is not None else MemoryDirectory(reactor)
         self.metrics = metrics
         self.grace = GraceTimers(reactor)
+        self.limits = limits
         self.links: set = set()  # authenticated agent links of this node
         self._local: dict[str, Tunnel] = {}  # tunnels whose sockets and links this node holds
+        self._by_link: dict[object, set[str]] = {}  # link -> ids of the tunnels it serves
+        # One copy of each distinct client CA PEM, shared by the tunnels naming it.
+        self._client_cas: dict[bytes, list] = {}  # sha256 -> [pem, tunnels using it]
 
     @property
     def tunnels(self) -> dict[str, Tunnel]:
@@ -105,6 +113,14 @@ class TunnelManager:
         services = request.services
         if any(s.kind == "tls" for s in services) and not self.domain:
             raise TunnelRequestError(RequestErrorCode.UNSUPPORTED_KIND, "this relay serves no encrypted tunnels")
+        try:
+            self._check_limits(link, request)
+        except LimitExceededError as e:
+            self.metrics.allocation_failed(e.code.value)
+            self._log.info(
+                "agent {agent}: {error}", agent=link.session_id, error=str(e),
+            )
+            raise
         tunnel_id = yield self.directory.fresh_id()
         secret = secrets.token_urlsafe(24)
         tunnel = Tunnel(
@@ -113,8 +129,10 @@ class TunnelManager:
             created=self.reactor.seconds(),
             reclaim_digest=secret_digest(secret),
             allow=request.allow,
-            client_ca=request.client_ca,
+            client_ca=self._share_client_ca(request.client_ca),
         )
+        if tunnel.client_ca is not None:
+            tunnel.client_ca_digest = hashlib.sha256(tunnel.client_ca).digest()
         try:
             for service in services:
                 endpoint = Endpoint(service.name, service.kind, service.mode, service.alpn)
@@ -143,6 +161,7 @@ class TunnelManager:
             raise
         yield self.directory.attach_link(tunnel, link, replace=True)
         self._local[tunnel_id] = tunnel
+        self._by_link.setdefault(link, set()).add(tunnel_id)
         kinds = {e.kind for e in tunnel.endpoints}
         self.metrics.tunnel_opened(tunnel_id, kinds.pop() if len(kinds) == 1 else "mixed")
         self._log.info(
@@ -161,6 +180,9 @@ class TunnelManager:
             raise TunnelRequestError(RequestErrorCode.RECLAIM_FAILED, "tunnel expired or unknown")
         self.grace.cancel(tunnel.tunnel_id)
         replaced = yield self.directory.attach_link(tunnel, link, replace=True)
+        for old in replaced:
+            self._by_link.get(old, set()).discard(tunnel.tunnel_id)
+        self._by_link.setdefault(link, set()).add(tunnel.tunnel_id)
         for old in replaced:
             if not old.closed:
                 # The agent is back before we noticed its old link died: take over now.
@@ -210,6 +232,7 @@ class TunnelManager:
         self.grace.cancel(tunnel.tunnel_id)
         links, tunnel.links = tunnel.links, []
         for link in links:
+            self._by_link.get(link, set()).discard(tunnel.tunnel_id)
             link.close_visitors(tunnel)
         unbinding = self._release(tunnel)
         self.metrics.tunnel_closed(tunnel.tunnel_id, why)
@@ -225,6 +248,8 @@ class TunnelManager:
 
     def _release(self, tunnel: Tunnel) -> list:
         """Unbind, quarantine, forget names and ports; the Deferreds of the unbinding."""
+        self._unshare_client_ca(tunnel.client_ca)
+        tunnel.client_ca = None
         unbinding = []
         for endpoint in tunnel.endpoints:
             if endpoint.kind == "tcp" and endpoint.port:
@@ -237,7 +262,8 @@ class TunnelManager:
         """A link ended: its tunnels end too (agent said goodbye), or wait in
         grace once no other link serves them."""
         self.links.discard(link)
-        for tunnel in [t for t in self._local.values() if link in t.links]:
+        served = self._by_link.pop(link, set())
+        for tunnel in [self._local[i] for i in served if i in self._local]:
             tunnel.links = [other for other in tunnel.links if other is not link]
             if tunnel.links:
                 continue  # still served by another link
@@ -252,6 +278,44 @@ class TunnelManager:
                 "tunnel {tunnel} waits {seconds:.0f}s for its agent to come back",
                 tunnel=tunnel.tunnel_id, seconds=self.grace_seconds,
             )
+
+    def _check_limits(self, link, request: OpenTunnel) -> None:
+        limits = self.limits
+        held = [self._local[i] for i in self._by_link.get(link, ()) if i in self._local]
+        if len(held) + 1 > limits.max_tunnels:
+            raise LimitExceededError(None, f"tunnels per session: at most {limits.max_tunnels}")
+        ports = sum(e.kind == "tcp" for t in held for e in t.endpoints)
+        wanted_ports = sum(s.kind == "tcp" for s in request.services)
+        if ports + wanted_ports > limits.max_ports:
+            raise LimitExceededError(None, f"public ports per session: at most {limits.max_ports}")
+        hostnames = sum(e.kind == "tls" for t in held for e in t.endpoints)
+        wanted_hostnames = len(request.services) - wanted_ports
+        if hostnames + wanted_hostnames > limits.max_hostnames:
+            raise LimitExceededError(None, f"hostnames per session: at most {limits.max_hostnames}")
+        if request.client_ca is not None:
+            distinct = {t.client_ca_digest: len(t.client_ca) for t in held if t.client_ca}
+            distinct[hashlib.sha256(request.client_ca).digest()] = len(request.client_ca)
+            if sum(distinct.values()) > limits.max_client_ca_bytes:
+                raise LimitExceededError(
+                    None, f"client CA bytes per session: at most {limits.max_client_ca_bytes}"
+                )
+
+    def _share_client_ca(self, pem: bytes | None) -> bytes | None:
+        if pem is None:
+            return None
+        entry = self._client_cas.setdefault(hashlib.sha256(pem).digest(), [pem, 0])
+        entry[1] += 1
+        return entry[0]
+
+    def _unshare_client_ca(self, pem: bytes | None) -> None:
+        if pem is None:
+            return
+        digest = hashlib.sha256(pem).digest()  # once per tunnel's end, not per request
+        entry = self._client_cas.get(digest)
+        if entry is not None:
+            entry[1] -= 1
+            if entry[1] <= 0:
+                del self._client_cas[digest]
 
     def close_all(self) -> defer.Deferred:
         """End every tunnel; fires once their ports are unbound."""

@@ -21,7 +21,7 @@ DOMAIN = "tunnels.example"
 class Node:
     """A TunnelManager, its metrics and an agent-link factory on one MemoryReactorClock."""
 
-    def __init__(self, grace_seconds: float = 60.0, quarantine_seconds: float = 120.0, directory=None):
+    def __init__(self, grace_seconds: float = 60.0, quarantine_seconds: float = 120.0, directory=None, limits=None):
         """`directory`: a directory class, made with this node's clock (default MemoryDirectory)."""
         self.reactor = MemoryReactorClock()
         self.metrics = Counters()
@@ -35,6 +35,7 @@ class Node:
             grace_seconds=grace_seconds,
             metrics=self.metrics,
             directory=directory(self.reactor) if directory is not None else None,
+            **({"limits": limits} if limits is not None else {}),
         )
         self.factory = AgentLinkFactory(
             self.reactor,
