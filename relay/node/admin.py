@@ -2,23 +2,69 @@
 
 Read-only and unauthenticated, so it binds 127.0.0.1 by default; never put
 it on a public interface. Tokens and reclaim secrets never appear here.
+Every request's Host header must name the address the port is bound to
+(or `localhost`, or one of `allowed_hosts`): a page on another site that a
+browser on the relay's machine opens cannot reach this API by rebinding
+its own DNS name to 127.0.0.1 (DNS rebinding), since its Host stays its own.
 Counts come from the metrics observer (relay/wire/metrics.py `Counters`),
 the tunnel list from the node's `TunnelManager`: no counters of its own.
 """
 
+import ipaddress
 import json
 
 from klein import Klein
+from twisted.web.resource import Resource
+
+LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
+
+
+def host_of(header: bytes | None) -> str | None:
+    """The host part of a Host header, lower-cased, without port or brackets."""
+    if not header:
+        return None
+    try:
+        text = header.decode("ascii").strip().lower()
+    except UnicodeDecodeError:
+        return None
+    if text.startswith("["):
+        close = text.find("]")
+        return text[1:close] if close > 0 else None
+    host = text.rpartition(":")[0] if text.count(":") == 1 else text
+    return host or None
 
 
 class AdminAPI:
     app = Klein()
 
-    def __init__(self, tunnels, metrics, started_at: float, clock):
+    def __init__(self, tunnels, metrics, started_at: float, clock, *, interface: str = "127.0.0.1",
+                 allowed_hosts=()):
         self.tunnels = tunnels  # relay.node.tunnels.TunnelManager
         self.metrics = metrics  # relay.wire.metrics.Counters
         self.started_at = started_at
         self.clock = clock
+        self.allowed_hosts = {h.lower() for h in (*LOOPBACK_NAMES, *allowed_hosts)}
+        if interface not in ("0.0.0.0", "::", ""):
+            self.allowed_hosts.add(interface.lower().strip("[]"))
+
+    def host_allowed(self, request) -> bool:
+        host = host_of(request.getHeader(b"host"))
+        if host is None:
+            return False
+        if host in self.allowed_hosts:
+            return True
+        try:
+            return ipaddress.ip_address(host).is_loopback  # 127.0.0.2 and friends
+        except ValueError:
+            return False
+
+    def resource(self):
+        """The web resource to serve: every route behind the Host check."""
+        return _HostChecked(self.app.resource(), self)
+
+    def refuse_host(self, request) -> bytes:
+        request.setResponseCode(421)  # Misdirected Request (RFC 9110 15.5.20)
+        return self._json(request, {"error": "unexpected Host header"})
 
     def _json(self, request, body: dict) -> bytes:
         request.setHeader(b"Content-Type", b"application/json")
@@ -50,3 +96,20 @@ class AdminAPI:
     @app.route("/v1/tunnels", methods=["GET"])
     def tunnels(self, request):
         return self._json(request, {"tunnels": self.tunnels.describe(self.metrics.tunnel)})
+
+
+class _HostChecked(Resource):
+    """Checks the Host header before klein sees the request (klein itself
+    raises on a Host that is not UTF-8), so no route can forget it."""
+
+    isLeaf = True
+
+    def __init__(self, wrapped, admin: AdminAPI):
+        super().__init__()
+        self._wrapped = wrapped
+        self._admin = admin
+
+    def render(self, request):
+        if not self._admin.host_allowed(request):
+            return self._admin.refuse_host(request)
+        return self._wrapped.render(request)

@@ -48,6 +48,7 @@ SETTINGS = {
     "cert-check-seconds": (30.0, float, "How often to look for a renewed --cert/--key (also on SIGHUP)."),
     "admin-port": (17080, int, "Admin HTTP port (GET /healthz, GET /v1/tunnels); 0 disables."),
     "admin-interface": ("127.0.0.1", str, "Address the admin port binds; keep it private."),
+    "admin-allowed-hosts": ("", str, "Comma-separated extra names the admin API accepts in Host (besides its address and localhost)."),
     "ports": ("20000-29999", str, "Range LO-HI of public ports for unencrypted tunnels."),
     "public-host": ("localhost", str, "Host name printed in tunnel addresses (and in client.env)."),
     "interface": ("127.0.0.1", str, "Address public tunnel ports bind (0.0.0.0 or :: in production)."),
@@ -276,9 +277,12 @@ def makeService(options) -> service.IService:
     if o["admin-port"]:
         from relay.node.admin import AdminAPI
 
-        admin = AdminAPI(tunnels, metrics, reactor.seconds(), reactor)
+        admin = AdminAPI(
+            tunnels, metrics, reactor.seconds(), reactor, interface=o["admin-interface"],
+            allowed_hosts=[h.strip() for h in o["admin-allowed-hosts"].split(",") if h.strip()],
+        )
         admin_endpoint = f"tcp:{o['admin-port']}:interface={q(o['admin-interface'])}"
-        site = Site(admin.app.resource())
+        site = Site(admin.resource())
         site.noisy = False
         strports.service(admin_endpoint, site).setServiceParent(node)
     return node
