@@ -1,0 +1,248 @@
+"""TunnelAgent and AgentLink (client/agent.py) without sockets.
+
+The reactor is a MemoryReactorClock. Reconnects go through the agent's own
+ClientService: its connection attempts show up in `reactor.tcpClients`, and
+are refused or accepted by hand. The link rules are checked on an
+`AgentLink(agent)` over a StringTransport (no TLS), with the relay played by
+a sans-IO `MuxConnection(Role.RELAY)` fed what the agent wrote and feeding
+its replies back (tests/relay/test_link.py style).
+"""
+
+import pytest
+from twisted.internet.address import IPv4Address
+from twisted.internet.endpoints import HostnameEndpoint
+from twisted.internet.error import ConnectionDone, ConnectionLost, ConnectionRefusedError
+from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.python.failure import Failure
+
+import client.agent
+from client.agent import AGENT_NAME, AgentLink, TunnelAgent
+from client.config import ServiceSpec, TunnelSpec
+from client.errors import (
+    AuthenticationError,
+    BadServiceNameError,
+    NoPortsAvailableError,
+    ReclaimFailedError,
+    RelayUnreachableError,
+    TunnelLostError,
+    TunnelRequestError,
+)
+from relay.mux import ErrorCode, MuxConnection, Role
+from relay.mux import control
+from relay.mux import events as ev
+from relay.mux.control import RequestErrorCode
+
+RELAY = "127.0.0.1:7000"
+TOKEN = "agent-test-token"
+SECRET = "reclaim-secret-one"
+
+
+def tcp_spec(port: int = 8000) -> TunnelSpec:
+    return TunnelSpec([ServiceSpec("localhost", port)])
+
+
+def granted(tunnel_id: str, port: int, host: str = "relay.example") -> dict:
+    """The relay's description of a one-service TCP tunnel (TunnelManager's shape)."""
+    endpoint = {"service": "", "kind": "tcp", "url": f"tcp://{host}:{port}", "tcp_socket": [host, port]}
+    return {"id": tunnel_id, "name": "8000", "endpoints": [endpoint], **endpoint}
+
+
+def failure_of(d):
+    """The Failure a fired Deferred holds (consumed), or None if it succeeded or has not fired."""
+    out = []
+    d.addErrback(out.append)
+    return out[0] if out else None
+
+
+def errors_of(d) -> list:
+    """Collect the failures `d` will err with, as a caller waiting on it does."""
+    out = []
+    d.addErrback(out.append)
+    return out
+
+
+def result_of(d):
+    out = []
+    d.addCallback(out.append)
+    return out[0] if out else None
+
+
+class Relay:
+    """The relay's end of one agent link: an AgentLink on a StringTransport,
+    and a relay-role MuxConnection that reads what the agent wrote."""
+
+    def __init__(self, agent: TunnelAgent):
+        self.agent = agent
+        self.transport = StringTransport()
+        self.mux = MuxConnection(Role.RELAY)
+        self.link = AgentLink(agent)
+        self.link.makeConnection(self.transport)
+
+    def read(self) -> list:
+        """Events for everything the agent wrote since the last read."""
+        data = self.transport.value()
+        self.transport.clear()
+        return self.mux.receive_data(data)
+
+    def deliver(self) -> None:
+        self.link.dataReceived(b"".join(self.mux.outgoing()))
+
+    def accept(self, session: str = "sess1") -> dict:
+        """Read the agent's HELLO and accept it; returns the HELLO's info."""
+        (hello,) = self.read()
+        assert isinstance(hello, ev.HelloReceived)
+        self.mux.send_hello({"relay": "test", "session": session})
+        self.deliver()
+        return hello.info
+
+    def requests(self) -> list[dict]:
+        return [e.message for e in self.read() if isinstance(e, ev.ControlReceived)]
+
+    def reply(self, message: dict) -> None:
+        self.mux.send_control(message)
+        self.deliver()
+
+    def grant(self, request: dict, tunnel_id: str, port: int, *, secret: str | None = None, reclaimed=False):
+        self.reply(control.opened_reply(request["id"], granted(tunnel_id, port), reclaimed=reclaimed, reclaim_secret=secret))
+
+    def lose(self) -> None:
+        self.link.connectionLost(Failure(ConnectionLost()))
+
+
+class Recorder:
+    def __init__(self):
+        self.events = []
+
+    def __call__(self, tunnel, event):
+        self.events.append((tunnel, event, tunnel.urls))
+
+
+def live_agent(**kwargs):
+    """An agent with one TCP tunnel granted on a first link: (agent, tunnel, relay, recorder)."""
+    reactor = MemoryReactorClock()
+    recorder = Recorder()
+    agent = TunnelAgent(reactor, RELAY, TOKEN, specs=[tcp_spec()], on_tunnel=recorder, **kwargs)
+    relay = Relay(agent)
+    relay.accept()
+    (request,) = relay.requests()
+    relay.grant(request, "tunnel1", 20001, secret=SECRET)
+    (tunnel,) = agent.tunnels
+    return agent, tunnel, relay, recorder
+
+
+# -- reconnect backoff -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "attempt, base",
+    [(1, 0.5), (2, 1.0), (3, 2.0), (4, 4.0), (5, 8.0), (6, 16.0), (7, 30.0), (8, 30.0), (100, 30.0), (10_000, 30.0)],
+)
+def test_retry_delay_doubles_from_half_a_second_capped_at_thirty(monkeypatch, attempt, base):
+    """The n-th retry waits 0.5 s x 2^(n-1), at most 30 s, scaled by a jitter factor of 0.5 to 1."""
+    agent = TunnelAgent(MemoryReactorClock(), RELAY, TOKEN)
+    monkeypatch.setattr(client.agent.random, "random", lambda: 0.0)
+    assert agent._retry_delay(attempt) == pytest.approx(base / 2)
+    monkeypatch.setattr(client.agent.random, "random", lambda: 1.0)
+    assert agent._retry_delay(attempt) == pytest.approx(base)
+
+
+def test_retry_delay_jitter_spreads_within_half_to_full():
+    """Retry delays vary between calls and always lie in [50%, 100%) of the backoff step."""
+    agent = TunnelAgent(MemoryReactorClock(), RELAY, TOKEN)
+    delays = [agent._retry_delay(4) for _ in range(200)]
+    assert all(2.0 <= d < 4.0 for d in delays)
+    assert len(set(delays)) > 150
+    assert min(delays) < 2.5 and max(delays) > 3.5  # both halves of the range are used
+
+
+def refuse_attempt(reactor) -> None:
+    """The latest connection attempt is refused, a second after it began (after
+    HostnameEndpoint's staggering, so the refusal reaches ClientService at once)."""
+    reactor.advance(1.0)
+    reactor.tcpClients[-1][2].clientConnectionFailed(reactor.connectors[-1], Failure(ConnectionRefusedError()))
+
+
+def wait_for_attempt(reactor, low: float, high: float) -> float:
+    """Advance the clock until the next connectTCP; assert it came within [low, high] s; return the wait."""
+    before = len(reactor.tcpClients)
+    start = reactor.seconds()
+    reactor.advance(low - 0.001)
+    assert len(reactor.tcpClients) == before, f"retried before {low} s"
+    while len(reactor.tcpClients) == before:
+        assert reactor.seconds() - start <= high, f"no retry within {high} s"
+        reactor.advance(0.001)
+    return reactor.seconds() - start
+
+
+def test_client_service_retries_with_the_backoff_delays():
+    """Refused connections are retried by ClientService after 0.5, 1, 2, 4... s (each with its jitter)."""
+    reactor = MemoryReactorClock()
+    agent = TunnelAgent(reactor, RELAY, TOKEN, specs=[tcp_spec()])
+    agent.start()
+    assert [(host, port) for host, port, *_ in reactor.tcpClients] == [("127.0.0.1", 7000)]
+    for base in (0.5, 1.0, 2.0, 4.0, 8.0):
+        refuse_attempt(reactor)
+        wait_for_attempt(reactor, base / 2, base)
+    assert len(reactor.tcpClients) == 6
+    assert not agent.done.called
+
+
+def test_a_connection_resets_the_backoff():
+    """Once a connection was made, losing it is retried after the first step (0.5 s) again."""
+    reactor = MemoryReactorClock()
+    agent = TunnelAgent(reactor, RELAY, TOKEN, specs=[tcp_spec()])
+    agent.start()
+    for base in (0.5, 1.0, 2.0):
+        refuse_attempt(reactor)
+        wait_for_attempt(reactor, base / 2, base)
+    # The fourth attempt connects (the agent's real factory: TLS layer, then AgentLink) ...
+    factory = reactor.tcpClients[-1][2]
+    protocol = factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 7000))
+    transport = StringTransport()
+    protocol.makeConnection(transport)
+    assert transport.value().startswith(b"\x16\x03")  # a TLS ClientHello went out
+    # ... and is lost: the next try waits 0.25-0.5 s, not the 2-4 s of a fifth failure.
+    protocol.connectionLost(Failure(ConnectionLost()))
+    wait_for_attempt(reactor, 0.25, 0.5)
+    assert not agent.done.called
+
+
+def test_max_retries_gives_up_with_relay_unreachable():
+    """With max_retries=N the agent stops after the first attempt and N retries, failing with RelayUnreachableError."""
+    reactor = MemoryReactorClock()
+    agent = TunnelAgent(reactor, RELAY, TOKEN, specs=[tcp_spec()], max_retries=2)
+    (tunnel,) = agent.tunnels
+    opened_errors = errors_of(tunnel.opened)
+    agent.start()
+    refuse_attempt(reactor)
+    wait_for_attempt(reactor, 0.25, 0.5)
+    refuse_attempt(reactor)
+    wait_for_attempt(reactor, 0.5, 1.0)
+    assert not agent.done.called
+    refuse_attempt(reactor)
+    reactor.advance(0)
+    error = failure_of(agent.done)
+    assert error is not None and error.check(RelayUnreachableError)
+    assert "after 2 retries" in str(error.value) and error.value.exit_code == 5
+    assert [f.type for f in opened_errors] == [RelayUnreachableError]
+    assert tunnel.status == "closed"
+    reactor.advance(120)
+    assert len(reactor.tcpClients) == 3  # no fourth attempt
+
+
+def test_max_retries_zero_gives_up_when_the_link_is_lost():
+    """With max_retries=0 losing an established link fails the agent with RelayUnreachableError."""
+    agent, tunnel, relay, recorder = live_agent(max_retries=0)
+    relay.lose()
+    error = failure_of(agent.done)
+    assert error is not None and error.check(RelayUnreachableError)
+    assert tunnel.status == "closed" and isinstance(tunnel.error, RelayUnreachableError)
+
+
+def test_a_lost_link_without_max_retries_does_not_end_the_agent():
+    """Without max_retries a lost link only marks live tunnels reconnecting; the agent carries on."""
+    agent, tunnel, relay, recorder = live_agent()
+    relay.lose()
+    assert not agent.done.called
+    assert tunnel.status == "reconnecting" and agent.link is None
+    assert tunnel.urls == ("tcp://relay.example:20001",)
