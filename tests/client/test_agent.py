@@ -246,3 +246,147 @@ def test_a_lost_link_without_max_retries_does_not_end_the_agent():
     assert not agent.done.called
     assert tunnel.status == "reconnecting" and agent.link is None
     assert tunnel.urls == ("tcp://relay.example:20001",)
+
+
+# -- handshake and first grant ------------------------------------------------------------
+
+
+def test_hello_carries_the_token_and_agent_name():
+    """The agent's first frame is HELLO with its token and agent name."""
+    agent = TunnelAgent(MemoryReactorClock(), RELAY, TOKEN, specs=[tcp_spec()])
+    relay = Relay(agent)
+    info = relay.accept()
+    assert (info["token"], info["agent"]) == (TOKEN, AGENT_NAME)
+
+
+def test_first_grant_fires_open_and_makes_the_tunnel_live():
+    """After the relay's HELLO the agent asks for each tunnel; the grant makes it live and fires "open"."""
+    agent, tunnel, relay, recorder = live_agent()
+    assert tunnel.status == "live" and tunnel.tunnel_id == "tunnel1"
+    assert tunnel.url == "tcp://relay.example:20001"
+    assert tunnel.tcp_socket == ("relay.example", 20001)
+    assert result_of(tunnel.opened) is tunnel
+    assert [(t, e) for t, e, _ in recorder.events] == [(tunnel, "open")]
+    assert agent.tunnels_by_id == {"tunnel1": tunnel}
+
+
+def test_first_request_has_no_reclaim():
+    """A tunnel never granted is asked for without a reclaim field."""
+    agent = TunnelAgent(MemoryReactorClock(), RELAY, TOKEN, specs=[tcp_spec()])
+    relay = Relay(agent)
+    relay.accept()
+    (request,) = relay.requests()
+    assert request["op"] == "open_tunnel" and "reclaim" not in request
+    assert request["services"] == [{"name": "", "kind": "tcp"}]
+
+
+# -- reclaim after a lost link ---------------------------------------------------------------
+
+
+def test_reconnect_asks_again_with_the_tunnel_id_and_reclaim_secret():
+    """After a lost link the new link's open_tunnel carries reclaim {tunnel, secret} and the same services."""
+    agent, tunnel, relay, recorder = live_agent()
+    relay.lose()
+    relay2 = Relay(agent)
+    relay2.accept("sess2")
+    (request,) = relay2.requests()
+    assert request["op"] == "open_tunnel"
+    assert request["reclaim"] == {"tunnel": "tunnel1", "secret": SECRET}
+    assert request["services"] == [{"name": "", "kind": "tcp"}]
+    assert control.parse_request(request).reclaim == ("tunnel1", SECRET)  # what the relay reads
+
+
+def test_reclaim_with_the_same_address_fires_reconnected():
+    """A reply with the same addresses makes the tunnel live again and fires "reconnected"."""
+    agent, tunnel, relay, recorder = live_agent()
+    relay.lose()
+    relay2 = Relay(agent)
+    relay2.accept()
+    (request,) = relay2.requests()
+    relay2.grant(request, "tunnel1", 20001, reclaimed=True)
+    assert tunnel.status == "live" and agent.link is relay2.link
+    assert [e for _, e, _ in recorder.events] == ["open", "reconnected"]
+    assert tunnel.urls == ("tcp://relay.example:20001",)
+
+
+def test_a_reclaim_reply_without_secret_keeps_the_old_one():
+    """A reclaimed grant carries no new secret: the next reconnect presents the original one."""
+    agent, tunnel, relay, recorder = live_agent()
+    relay.lose()
+    relay2 = Relay(agent)
+    relay2.accept()
+    (request,) = relay2.requests()
+    relay2.grant(request, "tunnel1", 20001, reclaimed=True)
+    relay2.lose()
+    relay3 = Relay(agent)
+    relay3.accept()
+    (request,) = relay3.requests()
+    assert request["reclaim"] == {"tunnel": "tunnel1", "secret": SECRET}
+
+
+def test_a_new_address_after_reconnect_fires_moved():
+    """A reply with different addresses (the old ones expired) updates the tunnel and fires "moved"."""
+    agent, tunnel, relay, recorder = live_agent()
+    relay.lose()
+    relay2 = Relay(agent)
+    relay2.accept()
+    (request,) = relay2.requests()
+    relay2.grant(request, "tunnel2", 20002, secret="reclaim-secret-two")
+    assert [(e, urls) for _, e, urls in recorder.events] == [
+        ("open", ("tcp://relay.example:20001",)),
+        ("moved", ("tcp://relay.example:20002",)),
+    ]
+    assert tunnel.status == "live" and tunnel.tunnel_id == "tunnel2"
+    assert agent.tunnels_by_id == {"tunnel2": tunnel}
+    # The next reconnect reclaims the new tunnel with its new secret.
+    relay2.lose()
+    relay3 = Relay(agent)
+    relay3.accept()
+    (request,) = relay3.requests()
+    assert request["reclaim"] == {"tunnel": "tunnel2", "secret": "reclaim-secret-two"}
+
+
+def keep_address_agent():
+    """An agent with one keep_address tunnel (as the Python API asks), granted: (agent, tunnel, relay, recorder)."""
+    recorder = Recorder()
+    agent = TunnelAgent(MemoryReactorClock(), RELAY, TOKEN, on_tunnel=recorder, fail_on_refusal=False)
+    relay = Relay(agent)
+    relay.accept()
+    tunnel = agent.add_tunnel(tcp_spec(), keep_address=True)
+    (request,) = relay.requests()
+    relay.grant(request, "tunnel1", 20001, secret=SECRET)
+    assert tunnel.status == "live"
+    return agent, tunnel, relay, recorder
+
+
+def test_keep_address_refuses_a_different_address_and_gives_it_back():
+    """keep_address: a reconnect granting different addresses closes the tunnel with TunnelLostError and closes the new grant."""
+    agent, tunnel, relay, recorder = keep_address_agent()
+    relay.lose()
+    relay2 = Relay(agent)
+    relay2.accept()
+    (request,) = relay2.requests()
+    assert request["reclaim"] == {"tunnel": "tunnel1", "secret": SECRET}
+    relay2.grant(request, "tunnel2", 20002, secret="reclaim-secret-two")
+    (give_back,) = relay2.requests()
+    assert (give_back["op"], give_back["tunnel"]) == ("close_tunnel", "tunnel2")
+    assert tunnel.status == "closed"
+    assert isinstance(tunnel.error, TunnelLostError)
+    assert "tcp://relay.example:20001" in str(tunnel.error)
+    assert tunnel.urls == ("tcp://relay.example:20001",)  # never silently the new address
+    assert [e for _, e, _ in recorder.events] == ["open", "lost"]
+    assert tunnel not in agent.tunnels and agent.tunnels_by_id == {}
+    assert not agent.done.called  # other tunnels of the agent live on
+
+
+def test_keep_address_with_the_same_address_reconnects():
+    """keep_address: a reconnect granting the same addresses keeps the tunnel live."""
+    agent, tunnel, relay, recorder = keep_address_agent()
+    relay.lose()
+    relay2 = Relay(agent)
+    relay2.accept()
+    (request,) = relay2.requests()
+    relay2.grant(request, "tunnel1", 20001, reclaimed=True)
+    assert relay2.requests() == []  # nothing given back
+    assert tunnel.status == "live" and tunnel.error is None
+    assert [e for _, e, _ in recorder.events] == ["open", "reconnected"]
