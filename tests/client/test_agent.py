@@ -390,3 +390,176 @@ def test_keep_address_with_the_same_address_reconnects():
     assert relay2.requests() == []  # nothing given back
     assert tunnel.status == "live" and tunnel.error is None
     assert [e for _, e, _ in recorder.events] == ["open", "reconnected"]
+
+
+# -- refusals and relay errors ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "code, error_class",
+    [
+        ("no_free_port", NoPortsAvailableError),
+        ("bad_service_name", BadServiceNameError),
+        ("reclaim_failed", ReclaimFailedError),
+        ("some_future_code", TunnelRequestError),
+    ],
+)
+def test_a_refused_request_fails_the_agent_with_the_typed_error(code, error_class):
+    """With fail_on_refusal an error reply ends the agent with the error class of its code."""
+    agent = TunnelAgent(MemoryReactorClock(), RELAY, TOKEN, specs=[tcp_spec()])
+    (tunnel,) = agent.tunnels
+    opened_errors = errors_of(tunnel.opened)
+    relay = Relay(agent)
+    relay.accept()
+    (request,) = relay.requests()
+    relay.reply({"id": request["id"], "ok": False, "error": {"code": code, "message": "nope"}})
+    error = failure_of(agent.done)
+    assert error is not None and type(error.value) is error_class
+    assert getattr(error.value.code, "value", error.value.code) == code
+    assert "localhost:8000" in str(error.value) and "nope" in str(error.value)
+    assert [type(f.value) for f in opened_errors] == [error_class]
+    assert tunnel.status == "closed"
+    # The agent said goodbye on its way out.
+    (goaway,) = relay.read()
+    assert (type(goaway), goaway.code) == (ev.GoAwayReceived, ErrorCode.NO_ERROR)
+
+
+def test_without_fail_on_refusal_only_the_refused_tunnel_ends():
+    """Without fail_on_refusal an error reply errs that tunnel's `opened`; other tunnels and the agent go on."""
+    agent = TunnelAgent(MemoryReactorClock(), RELAY, TOKEN, fail_on_refusal=False)
+    relay = Relay(agent)
+    relay.accept()
+    refused = agent.add_tunnel(tcp_spec(8000))
+    kept = agent.add_tunnel(tcp_spec(8001))
+    first, second = relay.requests()
+    error = control.request_error(RequestErrorCode.NO_FREE_PORT, "no free port in 20000-20001")
+    relay.reply(control.error_reply(first["id"], error))
+    relay.grant(second, "tunnel2", 20002, secret=SECRET)
+    failure = failure_of(refused.opened)
+    assert failure is not None and failure.check(NoPortsAvailableError)
+    assert failure.value.code is RequestErrorCode.NO_FREE_PORT
+    assert refused.status == "closed" and refused not in agent.tunnels
+    assert kept.status == "live" and result_of(kept.opened) is kept
+    assert not agent.done.called and not relay.link.closed
+
+
+def test_auth_failed_goaway_fails_with_authentication_error():
+    """A GOAWAY(AUTH_FAILED) answering HELLO ends the agent with AuthenticationError (exit code 3)."""
+    agent = TunnelAgent(MemoryReactorClock(), RELAY, TOKEN, specs=[tcp_spec()])
+    (tunnel,) = agent.tunnels
+    opened_errors = errors_of(tunnel.opened)
+    relay = Relay(agent)
+    relay.read()  # the HELLO
+    relay.mux.close(ErrorCode.AUTH_FAILED, "token refused")
+    relay.deliver()
+    error = failure_of(agent.done)
+    assert error is not None and error.check(AuthenticationError)
+    assert error.value.exit_code == 3
+    assert [f.type for f in opened_errors] == [AuthenticationError]
+    assert relay.link.closed and relay.transport.disconnecting
+
+
+@pytest.mark.parametrize("code", [ErrorCode.NO_ERROR, ErrorCode.SESSION_REPLACED, ErrorCode.INTERNAL_ERROR])
+def test_other_goaways_close_the_link_but_not_the_agent(code):
+    """A GOAWAY other than AUTH_FAILED closes the link; the agent stays up to reconnect."""
+    agent, tunnel, relay, recorder = live_agent()
+    relay.mux.close(code, "relay restarting")
+    relay.deliver()
+    assert relay.link.closed and relay.transport.disconnecting
+    relay.lose()
+    assert not agent.done.called and tunnel.status == "reconnecting"
+
+
+def test_stop_sends_goaway_no_error_and_finishes_once_the_link_is_gone():
+    """stop() sends GOAWAY(NO_ERROR), closes the link, and `done` fires once the link is lost."""
+    agent, tunnel, relay, recorder = live_agent()
+    stopped = agent.stop()
+    (goaway,) = relay.read()
+    assert (type(goaway), goaway.code) == (ev.GoAwayReceived, ErrorCode.NO_ERROR)
+    assert relay.transport.disconnecting
+    assert not agent.done.called  # waits for the link to end
+    relay.link.connectionLost(Failure(ConnectionDone()))
+    assert agent.done.called and result_of(agent.done) is None
+    assert stopped.called
+
+
+def test_stop_does_not_wait_forever_for_a_silent_relay():
+    """stop() finishes after 3 s even if the link never reports its end."""
+    agent, tunnel, relay, recorder = live_agent()
+    agent.stop()
+    agent.reactor.advance(2.9)
+    assert not agent.done.called
+    agent.reactor.advance(0.2)
+    assert agent.done.called and result_of(agent.done) is None
+
+
+@pytest.mark.parametrize(
+    "message",
+    [{"ok": True}, {"id": "1", "ok": True}, {"id": True, "ok": True}, {"id": 1.0, "ok": True}, {"id": -1, "ok": True}],
+)
+def test_a_reply_without_an_integer_id_closes_the_link(message):
+    """A CONTROL reply without an integer id is a protocol violation: GOAWAY(PROTOCOL_ERROR), link closed."""
+    agent, tunnel, relay, recorder = live_agent()
+    relay.reply(message)
+    (goaway,) = relay.read()
+    assert (type(goaway), goaway.code) == (ev.GoAwayReceived, ErrorCode.PROTOCOL_ERROR)
+    assert relay.link.closed and relay.transport.disconnecting
+    assert not agent.done.called  # a broken link, not a broken agent: it reconnects
+
+
+def test_a_grant_without_a_tunnel_id_closes_the_link():
+    """An ok reply to open_tunnel without a tunnel id is a protocol violation: GOAWAY(PROTOCOL_ERROR)."""
+    agent = TunnelAgent(MemoryReactorClock(), RELAY, TOKEN, specs=[tcp_spec()])
+    relay = Relay(agent)
+    relay.accept()
+    (request,) = relay.requests()
+    relay.reply({"id": request["id"], "ok": True, "tunnel": {"endpoints": []}})
+    (goaway,) = relay.read()
+    assert (type(goaway), goaway.code) == (ev.GoAwayReceived, ErrorCode.PROTOCOL_ERROR)
+    assert relay.link.closed
+    assert agent.tunnels[0].status == "opening"
+
+
+# -- closing -------------------------------------------------------------------------------
+
+
+def test_close_tunnel_asks_the_relay_and_fires_on_its_reply():
+    """close_tunnel() sends close_tunnel with the tunnel id; its Deferred fires when the relay answers."""
+    agent, tunnel, relay, recorder = live_agent()
+    closing = agent.close_tunnel(tunnel)
+    (request,) = relay.requests()
+    assert (request["op"], request["tunnel"]) == ("close_tunnel", "tunnel1")
+    assert tunnel.status == "closed" and not closing.called
+    relay.reply(control.ok_reply(request["id"]))
+    assert closing.called
+    assert agent.tunnels == [] and agent.tunnels_by_id == {}
+
+
+def test_a_grant_for_a_tunnel_closed_in_flight_is_given_back():
+    """A tunnel closed while its open_tunnel was in flight is closed on the relay as soon as it is granted."""
+    recorder = Recorder()
+    agent = TunnelAgent(MemoryReactorClock(), RELAY, TOKEN, on_tunnel=recorder)
+    relay = Relay(agent)
+    relay.accept()
+    tunnel = agent.add_tunnel(tcp_spec())
+    (request,) = relay.requests()
+    assert result_of(agent.close_tunnel(tunnel)) is None  # nothing granted yet: nothing to send
+    assert relay.requests() == []
+    relay.grant(request, "tunnel9", 20009, secret=SECRET)
+    (give_back,) = relay.requests()
+    assert (give_back["op"], give_back["tunnel"]) == ("close_tunnel", "tunnel9")
+    assert tunnel.status == "closed" and recorder.events == []
+    assert agent.tunnels_by_id == {}
+
+
+def test_a_refusal_for_a_tunnel_closed_in_flight_is_ignored():
+    """An error reply for a tunnel closed while its request was in flight neither fails the agent nor sends anything."""
+    agent = TunnelAgent(MemoryReactorClock(), RELAY, TOKEN)
+    relay = Relay(agent)
+    relay.accept()
+    tunnel = agent.add_tunnel(tcp_spec())
+    (request,) = relay.requests()
+    agent.close_tunnel(tunnel)
+    relay.reply(control.error_reply(request["id"], control.request_error("no_free_port", "full")))
+    assert relay.requests() == []
+    assert not agent.done.called and not relay.link.closed
