@@ -304,6 +304,7 @@ class TunnelAgent:
         self._next_request_id = 1
         self._service: ClientService | None = None
         self._link_gone: defer.Deferred | None = None
+        self._attempts_since_link = 0  # failed connects and lost links since the last ready link
         self._resolved: dict[ServiceSpec, tuple[str, int]] = {}
         self._terminators: dict[ServiceSpec, object] = {}  # service -> its AgentTLSTerminator
 
@@ -431,9 +432,17 @@ class TunnelAgent:
         delay = min(BACKOFF_MAX_SECONDS, BACKOFF_INITIAL_SECONDS * 2 ** min(failed_attempts - 1, 16))
         return delay * (0.5 + random.random() / 2)
 
+    def _next_retry_delay(self, failed_attempts: int) -> float:
+        """ClientService's retryPolicy. Its count restarts at every TCP connect,
+        even one dropped before the relay's HELLO (TLS failed, a proxy in front
+        of a stopped relay): count from the last ready link instead, or such a
+        relay is retried every 0.5 s and --max-retries never gives up."""
+        self._attempts_since_link += 1
+        return self._retry_delay(self._attempts_since_link)
+
     def start(self) -> None:
         endpoint, factory = self._endpoint_and_factory()
-        self._service = ClientService(endpoint, factory, retryPolicy=self._retry_delay, clock=self.reactor)
+        self._service = ClientService(endpoint, factory, retryPolicy=self._next_retry_delay, clock=self.reactor)
         self._service.startService()
 
     def stop(self) -> defer.Deferred:
@@ -479,6 +488,7 @@ class TunnelAgent:
 
     def link_ready(self, link: AgentLink) -> None:
         self.link = link
+        self._attempts_since_link = 0
         first = not self._ever_ready
         self._ever_ready = True
         if not first:
