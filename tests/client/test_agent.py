@@ -481,6 +481,24 @@ def test_keep_address_with_the_same_address_reconnects():
     assert [e for _, e, _ in recorder.events] == ["open", "reconnected"]
 
 
+@pytest.mark.xfail(strict=True, reason="_refused turns the error into TunnelLostError but never fires on_tunnel 'lost'")
+def test_keep_address_refused_on_reconnect_is_lost():
+    """keep_address: a reconnect the relay refuses (old addresses expired, no new port) ends the tunnel with TunnelLostError and fires "lost"."""
+    agent, tunnel, relay, recorder = keep_address_agent()
+    relay.lose()
+    relay2 = Relay(agent)
+    relay2.accept()
+    (request,) = relay2.requests()
+    assert request["reclaim"] == {"tunnel": "tunnel1", "secret": SECRET}
+    relay2.reply(control.error_reply(request["id"], control.request_error("no_free_port", "range full")))
+    assert tunnel.status == "closed"
+    assert isinstance(tunnel.error, TunnelLostError)
+    assert "tcp://relay.example:20001" in str(tunnel.error) and "range full" in str(tunnel.error)
+    assert tunnel not in agent.tunnels and agent.tunnels_by_id == {}
+    assert not agent.done.called and relay2.requests() == []
+    assert [e for _, e, _ in recorder.events] == ["open", "lost"]
+
+
 # -- refusals and relay errors ---------------------------------------------------------------
 
 
