@@ -613,7 +613,8 @@ class TunnelAgent:
             tunnel.opened.callback(tunnel)
 
     def _refused(self, tunnel: Tunnel, error: TunnelError) -> None:
-        if tunnel.keep_address and tunnel.urls:
+        lost = tunnel.keep_address and bool(tunnel.urls)
+        if lost:
             # A reconnect found the addresses expired and the relay could not
             # even offer new ones (e.g. the freed port is in quarantine): to the
             # caller, as in control_reply, the addresses are lost.
@@ -622,11 +623,15 @@ class TunnelAgent:
             )
         if self.fail_on_refusal:
             self.fail(error)
+            if lost:
+                self.on_tunnel(tunnel, "lost")
             return
         self.tunnels.remove(tunnel)
         if tunnel.tunnel_id is not None and self.tunnels_by_id.get(tunnel.tunnel_id) is tunnel:
             del self.tunnels_by_id[tunnel.tunnel_id]
         tunnel.status = "closed"
         tunnel.error = error
+        if lost:
+            self.on_tunnel(tunnel, "lost")
         if not tunnel.opened.called:
             tunnel.opened.errback(error)

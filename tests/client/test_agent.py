@@ -481,7 +481,6 @@ def test_keep_address_with_the_same_address_reconnects():
     assert [e for _, e, _ in recorder.events] == ["open", "reconnected"]
 
 
-@pytest.mark.xfail(strict=True, reason="_refused turns the error into TunnelLostError but never fires on_tunnel 'lost'")
 def test_keep_address_refused_on_reconnect_is_lost():
     """keep_address: a reconnect the relay refuses (old addresses expired, no new port) ends the tunnel with TunnelLostError and fires "lost"."""
     agent, tunnel, relay, recorder = keep_address_agent()
