@@ -498,6 +498,29 @@ def test_keep_address_refused_on_reconnect_is_lost():
     assert [e for _, e, _ in recorder.events] == ["open", "lost"]
 
 
+@pytest.mark.parametrize("fail_on_refusal", [False, True])
+def test_lost_fires_once_the_tunnel_is_closed(fail_on_refusal):
+    """When "lost" fires, the tunnel is already closed with its TunnelLostError, whether the refusal also ends the agent or not."""
+    seen = []
+    agent = TunnelAgent(
+        MemoryReactorClock(), RELAY, TOKEN, fail_on_refusal=fail_on_refusal,
+        on_tunnel=lambda tunnel, event: seen.append((event, tunnel.status, type(tunnel.error))),
+    )
+    relay = Relay(agent)
+    relay.accept()
+    tunnel = agent.add_tunnel(tcp_spec(), keep_address=True)
+    (request,) = relay.requests()
+    relay.grant(request, "tunnel1", 20001, secret=SECRET)
+    relay.lose()
+    relay2 = Relay(agent)
+    relay2.accept()
+    (request,) = relay2.requests()
+    relay2.reply(control.error_reply(request["id"], control.request_error("no_free_port", "range full")))
+    assert seen == [("open", "live", type(None)), ("lost", "closed", TunnelLostError)]
+    done_errors = [f.type for f in errors_of(agent.done)]
+    assert done_errors == ([TunnelLostError] if fail_on_refusal else [])
+
+
 # -- refusals and relay errors ---------------------------------------------------------------
 
 
