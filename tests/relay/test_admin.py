@@ -309,3 +309,21 @@ def test_no_token_or_reclaim_secret_in_either_body():
     for body in (node.get("/healthz")[2], node.get("/v1/tunnels")[2]):
         assert TOKEN.encode() not in body
         assert not any(secret.encode() in body for secret in secrets)
+
+
+def test_a_reclaim_from_a_new_link_moves_the_tunnel_to_it():
+    """An agent back on a new link before the old one died counts once, and its tunnel is listed live on the new session."""
+    node = Node()
+    old, old_link = node.agent()
+    reply = old.open_tunnel()
+    tunnel_id, secret = reply["tunnel"]["id"], reply["reclaim_secret"]
+    new, new_link = node.agent()
+    reclaimed = new.open_tunnel(reclaim={"tunnel": tunnel_id, "secret": secret})
+    assert (reclaimed["reclaimed"], reclaimed["tunnel"]["id"]) == (True, tunnel_id)
+    assert old_link.closed  # replaced: GOAWAY(SESSION_REPLACED) and aborted
+    old_link.connectionLost(Failure(ConnectionLost()))
+    health = node.health()
+    assert (health["agents"], health["tunnels"]) == (1, 1)
+    (listed,) = node.tunnel_list()
+    assert (listed["id"], listed["state"], listed["agent"]) == (tunnel_id, "live", new_link.session_id)
+    assert secret.encode() not in node.get("/v1/tunnels")[2]
