@@ -308,6 +308,7 @@ class TunnelAgent:
         self._next_request_id = 1
         self._service: ClientService | None = None
         self._link_gone: defer.Deferred | None = None
+        self._attempts_since_link = 0  # failed connects and lost links since the last ready link
         self._resolved: dict[ServiceSpec, tuple[str, int]] = {}
         self._terminators: dict[ServiceSpec, object] = {}  # service -> its AgentTLSTerminator
 
@@ -435,9 +436,17 @@ class TunnelAgent:
         delay = min(BACKOFF_MAX_SECONDS, BACKOFF_INITIAL_SECONDS * 2 ** min(failed_attempts - 1, 16))
         return delay * (0.5 + random.random() / 2)
 
+    def _next_retry_delay(self, failed_attempts: int) -> float:
+        """ClientService's retryPolicy. Its count restarts at every TCP connect,
+        even one dropped before the relay's HELLO (TLS failed, a proxy in front
+        of a stopped relay): count from the last ready link instead, or such a
+        relay is retried every 0.5 s and --max-retries never gives up."""
+        self._attempts_since_link += 1
+        return self._retry_delay(self._attempts_since_link)
+
     def start(self) -> None:
         endpoint, factory = self._endpoint_and_factory()
-        self._service = ClientService(endpoint, factory, retryPolicy=self._retry_delay, clock=self.reactor)
+        self._service = ClientService(endpoint, factory, retryPolicy=self._next_retry_delay, clock=self.reactor)
         self._service.startService()
 
     def stop(self) -> defer.Deferred:
@@ -484,6 +493,7 @@ class TunnelAgent:
     def link_ready(self, link: AgentLink) -> None:
         self.link = link
         self.metrics.link_up(link.session_id, f"{self.relay_host}:{self.relay_port}")
+        self._attempts_since_link = 0
         first = not self._ever_ready
         self._ever_ready = True
         if not first:
@@ -617,7 +627,8 @@ class TunnelAgent:
         tunnel.status = "closed"
 
     def _refused(self, tunnel: Tunnel, error: TunnelError) -> None:
-        if tunnel.keep_address and tunnel.urls:
+        lost = tunnel.keep_address and bool(tunnel.urls)
+        if lost:
             # A reconnect found the addresses expired and the relay could not
             # even offer new ones (e.g. the freed port is in quarantine): to the
             # caller, as in control_reply, the addresses are lost.
@@ -626,11 +637,15 @@ class TunnelAgent:
             )
         if self.fail_on_refusal:
             self.fail(error)
+            if lost:
+                self.on_tunnel(tunnel, "lost")
             return
         self.tunnels.remove(tunnel)
         if tunnel.tunnel_id is not None and self.tunnels_by_id.get(tunnel.tunnel_id) is tunnel:
             del self.tunnels_by_id[tunnel.tunnel_id]
         self._mark_closed(tunnel)
         tunnel.error = error
+        if lost:
+            self.on_tunnel(tunnel, "lost")
         if not tunnel.opened.called:
             tunnel.opened.errback(error)
