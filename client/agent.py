@@ -39,10 +39,11 @@ from relay.wire.tlslayer import TLSLayerFactory
 AGENT_NAME = "tunnel-client/0.1"
 SERVICE_CONNECT_TIMEOUT_SECONDS = 10.0
 RELAY_CONNECT_TIMEOUT_SECONDS = 10.0
-# Reconnect backoff: 0.5 s, doubling, capped at 30 s, each with up to 50% jitter
-# so a relay restart is not met by every agent in the same instant.
-BACKOFF_INITIAL_SECONDS = 0.5
-BACKOFF_MAX_SECONDS = 30.0
+# Reconnect backoff: steps of 1 s, doubling, capped at 20 s, each lengthened by
+# up to 50% jitter (so 1-1.5 s first, 30 s at most), so a relay restart is not
+# met by every agent in the same instant.
+BACKOFF_INITIAL_SECONDS = 1.0
+BACKOFF_MAX_STEP_SECONDS = 20.0
 
 
 class Endpoint:
@@ -433,14 +434,16 @@ class TunnelAgent:
                 "relay {host}:{port} unreachable (attempt {n}); retrying",
                 host=self.relay_host, port=self.relay_port, n=failed_attempts,
             )
-        delay = min(BACKOFF_MAX_SECONDS, BACKOFF_INITIAL_SECONDS * 2 ** min(failed_attempts - 1, 16))
-        return delay * (0.5 + random.random() / 2)
+        step = min(BACKOFF_MAX_STEP_SECONDS, BACKOFF_INITIAL_SECONDS * 2 ** min(failed_attempts - 1, 16))
+        # Jitter only lengthens a step: retries never come faster than once a
+        # second (the first ones came every 0.26-0.5 s), at most every 30 s.
+        return step * (1.0 + random.random() / 2)
 
     def _next_retry_delay(self, failed_attempts: int) -> float:
         """ClientService's retryPolicy. Its count restarts at every TCP connect,
         even one dropped before the relay's HELLO (TLS failed, a proxy in front
         of a stopped relay): count from the last ready link instead, or such a
-        relay is retried every 0.5 s and --max-retries never gives up."""
+        relay is retried at the first step forever and --max-retries never gives up."""
         self._attempts_since_link += 1
         return self._retry_delay(self._attempts_since_link)
 

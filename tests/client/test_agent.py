@@ -136,25 +136,25 @@ def live_agent(**kwargs):
 
 
 @pytest.mark.parametrize(
-    "attempt, base",
-    [(1, 0.5), (2, 1.0), (3, 2.0), (4, 4.0), (5, 8.0), (6, 16.0), (7, 30.0), (8, 30.0), (100, 30.0), (10_000, 30.0)],
+    "attempt, step",
+    [(1, 1.0), (2, 2.0), (3, 4.0), (4, 8.0), (5, 16.0), (6, 20.0), (7, 20.0), (100, 20.0), (10_000, 20.0)],
 )
-def test_retry_delay_doubles_from_half_a_second_capped_at_thirty(monkeypatch, attempt, base):
-    """The n-th retry waits 0.5 s x 2^(n-1), at most 30 s, scaled by a jitter factor of 0.5 to 1."""
+def test_retry_delay_doubles_from_one_second_and_never_goes_faster(monkeypatch, attempt, step):
+    """The n-th retry waits 1 s x 2^(n-1) (step at most 20 s), lengthened by a jitter factor of 1 to 1.5: never under 1 s, never over 30 s."""
     agent = TunnelAgent(MemoryReactorClock(), RELAY, TOKEN)
     monkeypatch.setattr(client.agent.random, "random", lambda: 0.0)
-    assert agent._retry_delay(attempt) == pytest.approx(base / 2)
+    assert agent._retry_delay(attempt) == pytest.approx(step)
     monkeypatch.setattr(client.agent.random, "random", lambda: 1.0)
-    assert agent._retry_delay(attempt) == pytest.approx(base)
+    assert agent._retry_delay(attempt) == pytest.approx(step * 1.5)
 
 
-def test_retry_delay_jitter_spreads_within_half_to_full():
-    """Retry delays vary between calls and always lie in [50%, 100%) of the backoff step."""
+def test_retry_delay_jitter_spreads_within_one_to_one_and_a_half_steps():
+    """Retry delays vary between calls and always lie in [100%, 150%) of the backoff step."""
     agent = TunnelAgent(MemoryReactorClock(), RELAY, TOKEN)
     delays = [agent._retry_delay(4) for _ in range(200)]
-    assert all(2.0 <= d < 4.0 for d in delays)
+    assert all(8.0 <= d < 12.0 for d in delays)
     assert len(set(delays)) > 150
-    assert min(delays) < 2.5 and max(delays) > 3.5  # both halves of the range are used
+    assert min(delays) < 9.0 and max(delays) > 11.0  # both halves of the range are used
 
 
 def refuse_attempt(reactor) -> None:
@@ -177,14 +177,14 @@ def wait_for_attempt(reactor, low: float, high: float) -> float:
 
 
 def test_client_service_retries_with_the_backoff_delays():
-    """Refused connections are retried by ClientService after 0.5, 1, 2, 4... s (each with its jitter)."""
+    """Refused connections are retried by ClientService after 1, 2, 4, 8... s (each with its jitter)."""
     reactor = MemoryReactorClock()
     agent = TunnelAgent(reactor, RELAY, TOKEN, specs=[tcp_spec()])
     agent.start()
     assert [(host, port) for host, port, *_ in reactor.tcpClients] == [("127.0.0.1", 7000)]
-    for base in (0.5, 1.0, 2.0, 4.0, 8.0):
+    for step in (1.0, 2.0, 4.0, 8.0, 16.0):
         refuse_attempt(reactor)
-        wait_for_attempt(reactor, base / 2, base)
+        wait_for_attempt(reactor, step, step * 1.5)
     assert len(reactor.tcpClients) == 6
     assert not agent.done.called
 
@@ -260,19 +260,19 @@ def test_the_agent_factory_makes_a_link_over_tls(relay_state):
 
 
 def test_a_ready_link_resets_the_backoff(relay_state):
-    """After a link that got the relay's HELLO is lost, the next try waits the first step (0.25-0.5 s) again."""
+    """After a link that got the relay's HELLO is lost, the next try waits the first step (1-1.5 s) again."""
     reactor = MemoryReactorClock()
     agent = TunnelAgent(reactor, RELAY, TOKEN, ca_path=str(relay_state.ca_cert_path), specs=[tcp_spec()])
     agent.start()
-    for base in (0.5, 1.0, 2.0, 4.0):
+    for step in (1.0, 2.0, 4.0, 8.0):
         refuse_attempt(reactor)
-        wait_for_attempt(reactor, base / 2, base)
+        wait_for_attempt(reactor, step, step * 1.5)
     protocol, transport = connect_attempt(reactor)
     MemoryTLSRelay(relay_state, protocol, transport).pump()
     assert agent.link is not None and agent.link.ready
     protocol.connectionLost(Failure(ConnectionLost()))
     assert agent.link is None
-    wait_for_attempt(reactor, 0.25, 0.5)  # not the 8-16 s of a fifth failure
+    wait_for_attempt(reactor, 1.0, 1.5)  # not the 16-24 s of a fifth failure
     assert not agent.done.called
 
 
@@ -282,11 +282,11 @@ def test_connections_that_never_become_a_link_count_as_failed_attempts():
     reactor = MemoryReactorClock()
     agent = TunnelAgent(reactor, RELAY, TOKEN, specs=[tcp_spec()], max_retries=2)
     agent.start()
-    for base in (0.5, 1.0):
+    for step in (1.0, 2.0):
         protocol, transport = connect_attempt(reactor)
         assert transport.value().startswith(b"\x16\x03")  # the TLS ClientHello went out
         protocol.connectionLost(Failure(ConnectionLost()))
-        wait_for_attempt(reactor, base / 2, base)
+        wait_for_attempt(reactor, step, step * 1.5)
     protocol, transport = connect_attempt(reactor)
     protocol.connectionLost(Failure(ConnectionLost()))
     reactor.advance(0)
@@ -304,9 +304,9 @@ def test_max_retries_gives_up_with_relay_unreachable():
     opened_errors = errors_of(tunnel.opened)
     agent.start()
     refuse_attempt(reactor)
-    wait_for_attempt(reactor, 0.25, 0.5)
+    wait_for_attempt(reactor, 1.0, 1.5)
     refuse_attempt(reactor)
-    wait_for_attempt(reactor, 0.5, 1.0)
+    wait_for_attempt(reactor, 2.0, 3.0)
     assert not agent.done.called
     refuse_attempt(reactor)
     reactor.advance(0)
