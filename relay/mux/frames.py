@@ -81,9 +81,15 @@ def encode_coded(frame_type: int, stream_id: int, code: int, message: str) -> by
     return encode(frame_type, stream_id, CODE_HEADER.pack(code) + reason)
 
 
+def _reject_constant(name: str):
+    # Python's json reads NaN, Infinity and -Infinity; RFC 8259 JSON has none,
+    # and a peer's Infinity as a port number raised deep inside the agent.
+    raise ValueError(f"{name} is not JSON")
+
+
 def decode_json(payload: bytes) -> dict:
     try:
-        obj = json.loads(payload)
+        obj = json.loads(payload, parse_constant=_reject_constant)
     except (UnicodeDecodeError, ValueError, RecursionError) as e:
         # RecursionError: a 16 KiB HELLO of nested brackets, before any auth.
         raise MuxProtocolError(f"payload is not JSON: {e}") from None

@@ -179,3 +179,16 @@ def test_any_json_reply_is_a_value_or_a_typed_error(message):
             c.granted_tunnel(reply)
     except MuxProtocolError:
         pass
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [b'{"peer":["1.2.3.4",Infinity]}', b'{"x":NaN}', b'{"x":-Infinity}', b'{"n":' + b"9" * 5000 + b"}",
+     b"[" * 20000 + b"]" * 20000, b'{"token":"\\udc80"', b"\xff\xfe"],
+)
+def test_hostile_json_is_a_protocol_error_not_an_exception(payload):
+    """Non-standard constants, huge numbers, deep nesting and bad UTF-8 in any JSON frame are a MuxProtocolError."""
+    from relay.mux import frames as fr
+
+    with pytest.raises(MuxProtocolError):
+        fr.decode_json(payload)
