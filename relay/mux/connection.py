@@ -16,6 +16,7 @@ from enum import Enum
 from relay.mux import events as ev
 from relay.mux import frames as fr
 from relay.mux.errors import (
+    CalmDownError,
     ErrorCode,
     FlowControlError,
     MuxProtocolError,
@@ -34,6 +35,12 @@ DEFAULT_MAX_WINDOW = 8 * 1024 * 1024
 # Growth above the initial window lent out per link: bounds what one link can
 # make us buffer beyond n_streams x initial window (cloudflared: 30 MB/conn).
 DEFAULT_LINK_BUDGET = 64 * 1024 * 1024
+# Frames that do nothing (empty DATA; DATA, WINDOW_UPDATE, FIN or RESET for a
+# stream already gone) add one to a count that each useful frame lowers by
+# one; past this the link ends with GOAWAY(ENHANCE_YOUR_CALM). Races with a
+# RESET make a few such frames per stream; 1M empty DATA frames (0.94 us
+# each) used to run for ever.
+MAX_USELESS_FRAMES = 10_000
 
 
 class Role(Enum):
@@ -86,13 +93,14 @@ STREAM_TRANSITIONS = {
 
 
 class _Stream:
-    __slots__ = ("stream_id", "state", "send_window", "recv")
+    __slots__ = ("stream_id", "state", "send_window", "recv", "accepted")
 
     def __init__(self, stream_id: int, send_window: int, recv: ReceiveWindow):
         self.stream_id = stream_id
         self.state = StreamState.OPEN
         self.send_window = send_window
         self.recv = recv
+        self.accepted = False  # ACCEPT sent (peer's stream) or received (ours)
 
     def transition(self, stream_input: StreamInput) -> None:
         try:
@@ -112,8 +120,13 @@ class MuxConnection:
         initial_window: int = DEFAULT_INITIAL_WINDOW,
         max_window: int = DEFAULT_MAX_WINDOW,
         link_budget: int = DEFAULT_LINK_BUDGET,
+        max_useless_frames: int = MAX_USELESS_FRAMES,
     ):
         self.role = role
+        self.max_useless_frames = max_useless_frames
+        self.useless_frames = 0
+        # Streams we opened that the peer has neither accepted nor reset.
+        self.opens_in_flight = 0
         self.state = LinkState.AWAITING_HELLO
         self.initial_window = initial_window
         self.max_window = max_window
@@ -140,6 +153,7 @@ class MuxConnection:
             FrameType.PING: self._on_ping,
             FrameType.PONG: self._on_pong,
             FrameType.GOAWAY: self._on_goaway,
+            FrameType.ACCEPT: self._on_accept,
         }
 
     # -- link lifecycle ---------------------------------------------------
@@ -186,7 +200,26 @@ class MuxConnection:
             ReceiveWindow(self.initial_window, self.max_window),
         )
         self._control.append(fr.encode_json(FrameType.OPEN, stream_id, metadata))
+        self.opens_in_flight += 1
         return stream_id
+
+    def accept_stream(self, stream_id: int) -> None:
+        """Tell the peer its OPEN reached what it asked for (ACCEPT). Once per
+        stream the peer opened; a stream already gone is a no-op (a race with
+        the peer's RESET)."""
+        stream = self.streams.get(stream_id)
+        if stream is None:
+            return
+        if not self._is_peer_id(stream_id):
+            raise MuxUsageError(f"stream {stream_id} is ours: the peer accepts it")
+        if stream.accepted:
+            raise MuxUsageError(f"stream {stream_id} already accepted")
+        stream.accepted = True
+        self._control.append(fr.encode(FrameType.ACCEPT, stream_id))
+
+    def is_accepted(self, stream_id: int) -> bool:
+        stream = self.streams.get(stream_id)
+        return stream is not None and stream.accepted
 
     def send_window(self, stream_id: int) -> int:
         stream = self.streams.get(stream_id)
@@ -304,6 +337,13 @@ class MuxConnection:
         if stream.state is StreamState.CLOSED:
             del self.streams[stream.stream_id]
             stream.recv.release(self.budget)
+            if not stream.accepted and not self._is_peer_id(stream.stream_id):
+                self.opens_in_flight -= 1  # ended before the peer accepted it
+
+    def _useless(self, what: str) -> None:
+        self.useless_frames += 1
+        if self.useless_frames > self.max_useless_frames:
+            raise CalmDownError(f"{self.useless_frames} frames that do nothing, the last {what}")
 
     def _is_peer_id(self, stream_id: int) -> bool:
         # relay opens even ids, so the agent's peer ids are even, and vice versa
@@ -375,6 +415,7 @@ class MuxConnection:
     def _on_data(self, stream_id: int, payload: bytes):
         stream = self._peer_stream(stream_id, "DATA")
         if stream is None:
+            self._useless("DATA for a gone stream")
             return None
         if stream.state is not StreamState.OPEN:  # OPEN stays OPEN: skip the table (hot path)
             stream.transition(StreamInput.RECV_DATA)
@@ -383,7 +424,10 @@ class MuxConnection:
                 f"stream {stream_id}: {len(payload)} bytes past a window of {stream.recv.remaining}"
             )
         if not payload:
+            self._useless("an empty DATA")
             return None
+        if self.useless_frames:
+            self.useless_frames -= 1
         return ev.DataReceived(stream_id, payload)
 
     def _on_window_update(self, stream_id: int, payload: bytes):
@@ -391,6 +435,7 @@ class MuxConnection:
             raise MuxProtocolError("WINDOW_UPDATE payload is not 4 bytes")
         stream = self._peer_stream(stream_id, "WINDOW_UPDATE")
         if stream is None:
+            self._useless("WINDOW_UPDATE for a gone stream")
             return None
         (increment,) = fr.U32.unpack(payload)
         if increment == 0:
@@ -406,6 +451,7 @@ class MuxConnection:
     def _on_fin(self, stream_id: int, payload: bytes):
         stream = self._peer_stream(stream_id, "FIN")
         if stream is None:
+            self._useless("FIN for a gone stream")
             return None
         stream.transition(StreamInput.RECV_FIN)
         self._forget_if_closed(stream)
@@ -415,6 +461,7 @@ class MuxConnection:
         code, reason = fr.decode_coded(payload)
         stream = self._peer_stream(stream_id, "RESET")
         if stream is None:
+            self._useless("RESET for a gone stream")
             return None
         stream.transition(StreamInput.RECV_RESET)
         self._forget_if_closed(stream)
@@ -434,6 +481,21 @@ class MuxConnection:
         if stream_id != 0 or len(payload) != fr.PING_SIZE:
             raise MuxProtocolError("PONG must be 8 bytes on stream 0")
         return ev.PongReceived(payload)
+
+    def _on_accept(self, stream_id: int, payload: bytes):
+        if payload:
+            raise MuxProtocolError("ACCEPT carries no payload")
+        if stream_id != 0 and self._is_peer_id(stream_id):
+            raise MuxProtocolError(f"ACCEPT for stream {stream_id}, which the peer opened")
+        stream = self._peer_stream(stream_id, "ACCEPT")
+        if stream is None:
+            self._useless("ACCEPT for a gone stream")  # raced with our RESET
+            return None
+        if stream.accepted:
+            raise MuxProtocolError(f"stream {stream_id} accepted twice")
+        stream.accepted = True
+        self.opens_in_flight -= 1
+        return ev.StreamAccepted(stream_id)
 
     def _on_goaway(self, stream_id: int, payload: bytes):
         if stream_id != 0:

@@ -26,6 +26,7 @@ class ErrorCode(IntEnum):
     REFUSED_STREAM = 0xC  # stream: unknown tunnel or not accepting streams
     CANCEL = 0xD  # stream: the visitor or service went away
     BUFFER_OVERFLOW = 0xE  # stream: a local buffer cap was hit
+    ENHANCE_YOUR_CALM = 0xF  # link: floods of useless frames, or replies the peer never reads
 
 
 class MuxError(Exception):
@@ -55,6 +56,14 @@ class FlowControlError(MuxProtocolError):
 
 class UnsupportedVersionError(MuxProtocolError):
     code = ErrorCode.UNSUPPORTED_VERSION
+
+
+class CalmDownError(MuxProtocolError):
+    """The peer sends frames that do nothing (empty DATA, frames for gone
+    streams) faster than useful ones: RFC 9113 10.5's "track the use of these
+    features and set limits"."""
+
+    code = ErrorCode.ENHANCE_YOUR_CALM
 
 
 class MuxUsageError(MuxError):

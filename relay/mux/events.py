@@ -27,6 +27,13 @@ class StreamOpened:
 
 
 @dataclass(frozen=True, slots=True)
+class StreamAccepted:
+    """The peer reached what our OPEN asked for (the agent: the service answered)."""
+
+    stream_id: int
+
+
+@dataclass(frozen=True, slots=True)
 class DataReceived:
     stream_id: int
     data: bytes

@@ -14,7 +14,9 @@ from enum import IntEnum
 
 from relay.mux.errors import ErrorCode, FrameTooLargeError, MuxProtocolError
 
-PROTOCOL_VERSION = 1
+# 2: ACCEPT (the acceptor's answer to OPEN) and ENHANCE_YOUR_CALM. A version 1
+# peer is refused with GOAWAY(UNSUPPORTED_VERSION) naming both versions.
+PROTOCOL_VERSION = 2
 
 HEADER = struct.Struct("!IBBI")
 HEADER_SIZE = HEADER.size  # 10
@@ -43,6 +45,7 @@ class FrameType(IntEnum):
     PING = 0x7
     PONG = 0x8
     GOAWAY = 0x9
+    ACCEPT = 0xA
 
 
 FRAME_TYPES = frozenset(FrameType)

@@ -249,6 +249,7 @@ class MuxLink(Protocol):
             ev.WindowOpened: self._on_window_opened,
             ev.PongReceived: self._on_pong,
             ev.GoAwayReceived: self._on_goaway,
+            ev.StreamAccepted: self._on_stream_accepted,
         }
 
     # -- Protocol ------------------------------------------------------------
@@ -447,6 +448,9 @@ class MuxLink(Protocol):
         if splice is not None:
             splice.window_opened()
 
+    def _on_stream_accepted(self, event: ev.StreamAccepted):
+        self.on_stream_accepted(event.stream_id)
+
     def _on_pong(self, event: ev.PongReceived):
         pass  # receiving it already refreshed last_received
 
@@ -469,6 +473,9 @@ class MuxLink(Protocol):
         self.mux.reset(stream_id, ErrorCode.REFUSED_STREAM, "this side accepts no streams")
 
     def on_stream_reset(self, stream_id: int, code, reason: str) -> None:
+        pass
+
+    def on_stream_accepted(self, stream_id: int) -> None:
         pass
 
     def on_goaway(self, code, message: str) -> None:

@@ -42,7 +42,7 @@ def json_frame(frame_type: int, stream_id: int, obj) -> bytes:
 
 
 def hello(**fields) -> bytes:
-    body = {"version": 1, "initial_window": 256 * 1024}
+    body = {"version": 2, "initial_window": 256 * 1024}
     body.update(fields)
     return json_frame(FrameType.HELLO, 0, body)
 

@@ -69,17 +69,17 @@ def test_handshake_opens_both_sides():
     pair = LinkPair(handshake=False)
     pair.agent.send_hello({"token": TOKEN})
     [hello] = pair.to_relay()
-    assert hello == ev.HelloReceived({"token": TOKEN, "version": 1, "initial_window": 256 * 1024})
+    assert hello == ev.HelloReceived({"token": TOKEN, "version": 2, "initial_window": 256 * 1024})
     assert pair.relay.state.value == "awaiting-hello"
     pair.relay.send_hello({"motd": "hi"})
     assert pair.relay.state.value == "open"
     [answer] = pair.to_agent()
-    assert answer == ev.HelloReceived({"motd": "hi", "version": 1, "initial_window": 256 * 1024})
+    assert answer == ev.HelloReceived({"motd": "hi", "version": 2, "initial_window": 256 * 1024})
     assert pair.agent.state.value == "open"
 
 
 def test_hello_announces_version_and_initial_window_and_they_are_used():
-    """HELLO carries version 1 and the sender's initial_window, which becomes the peer's send
+    """HELLO carries version 2 and the sender's initial_window, which becomes the peer's send
     window."""
     pair = LinkPair(
         handshake=False,
@@ -88,7 +88,7 @@ def test_hello_announces_version_and_initial_window_and_they_are_used():
     )
     pair.agent.send_hello({"token": TOKEN, "version": 99})  # the core's version wins
     [hello] = pair.to_relay()
-    assert hello.info["version"] == 1 and hello.info["initial_window"] == 100_000
+    assert hello.info["version"] == 2 and hello.info["initial_window"] == 100_000
     pair.relay.send_hello({})
     pair.to_agent()
     relay_stream = pair.relay.open_stream({})
@@ -115,9 +115,9 @@ def test_each_side_sends_one_hello():
         assert conn.outgoing() == []
 
 
-@pytest.mark.parametrize("version", [2, 0, "1", None])
+@pytest.mark.parametrize("version", [1, 3, 0, "2", None])
 def test_relay_refuses_other_versions(version):
-    """A HELLO with any version but 1 closes the link with UNSUPPORTED_VERSION."""
+    """A HELLO with any version but 2 (version 1 included) closes the link with UNSUPPORTED_VERSION."""
     relay = MuxConnection(Role.RELAY)
     raw = (
         h.hello(token=TOKEN, version=version)
@@ -131,7 +131,7 @@ def test_agent_refuses_relay_of_other_version():
     """An agent closes the link with UNSUPPORTED_VERSION if the relay answers with another version."""
     agent = agent_after_hello()
     assert_refused(
-        agent, h.hello(version=2), ErrorCode.UNSUPPORTED_VERSION, UnsupportedVersionError
+        agent, h.hello(version=1), ErrorCode.UNSUPPORTED_VERSION, UnsupportedVersionError
     )
     assert agent.state.value == "closed"
 
@@ -149,7 +149,7 @@ def test_bad_initial_window_is_a_protocol_error(window):
 def test_initial_window_defaults_when_omitted():
     """A HELLO without initial_window gives the peer the default 256 KiB window."""
     relay = MuxConnection(Role.RELAY, initial_window=4096)
-    relay.receive_data(h.json_frame(FrameType.HELLO, 0, {"version": 1, "token": TOKEN}))
+    relay.receive_data(h.json_frame(FrameType.HELLO, 0, {"version": 2, "token": TOKEN}))
     relay.send_hello({})
     assert relay.send_window(relay.open_stream({})) == 256 * 1024
 
@@ -231,7 +231,7 @@ def test_hello_rules():
     """HELLO only on stream 0, only once, and never to an agent that has not sent its own."""
     assert_refused(
         MuxConnection(Role.RELAY),
-        h.frame(FrameType.HELLO, 2, b'{"version":1}'),
+        h.frame(FrameType.HELLO, 2, b'{"version":2}'),
         ErrorCode.PROTOCOL_ERROR,
     )
     assert_refused(relay_after_hello(), h.hello(token=TOKEN), ErrorCode.PROTOCOL_ERROR)
@@ -274,7 +274,7 @@ def test_frame_limit_before_hello_is_16k():
         FrameTooLargeError,
     )
     # A HELLO of exactly 16 KiB (JSON padded with spaces) is fine.
-    body = b'{"version":1,"token":"s3cret"}'
+    body = b'{"version":2,"token":"s3cret"}'
     padded = body[:-1] + b" " * (fr.MAX_HELLO_PAYLOAD - len(body)) + b"}"
     assert len(MuxConnection(Role.RELAY).receive_data(h.frame(FrameType.HELLO, 0, padded))) == 1
     assert_refused(
@@ -324,7 +324,7 @@ def test_frames_in_the_same_read_as_the_relays_hello_get_the_open_limit():
     big = b"x" * (fr.MAX_HELLO_PAYLOAD + 1)
     raw = h.hello() + h.open_frame(2) + h.data(2, big)
     assert agent.receive_data(raw) == [
-        ev.HelloReceived({"version": 1, "initial_window": 256 * 1024}),
+        ev.HelloReceived({"version": 2, "initial_window": 256 * 1024}),
         ev.StreamOpened(2, {}),
         ev.DataReceived(2, big),
     ]

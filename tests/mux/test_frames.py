@@ -162,6 +162,7 @@ def test_frame_type_numbers_are_the_spec_table():
         "PING": 0x7,
         "PONG": 0x8,
         "GOAWAY": 0x9,
+        "ACCEPT": 0xA,
     }
 
 
@@ -179,7 +180,7 @@ def test_size_limits():
     assert fr.MAX_HELLO_PAYLOAD == 16 * 1024
     assert fr.MAX_FRAME_PAYLOAD == 256 * 1024
     assert fr.MAX_DATA_PAYLOAD == 64 * 1024
-    assert fr.PROTOCOL_VERSION == 1
+    assert fr.PROTOCOL_VERSION == 2
 
 
 @pytest.mark.parametrize(
@@ -268,7 +269,7 @@ def test_decoder_checks_length_on_the_header():
 def test_decoder_rejects_unknown_type():
     """An unknown frame type is a protocol error."""
     with pytest.raises(MuxProtocolError) as info:
-        fr.FrameDecoder().feed(h.frame(0x0A, 0))
+        fr.FrameDecoder().feed(h.frame(0x0B, 0))
     assert info.value.code is ErrorCode.PROTOCOL_ERROR
 
 

@@ -124,7 +124,7 @@ def test_any_split_of_a_valid_stream_gives_the_same_events(commands, goaway, cut
     whole = feed(waiting_agent(), [raw])
     assert whole == feed(waiting_agent(), split_at(raw, cuts))
     assert whole[0][0] == ev.HelloReceived(
-        {"motd": "welcome", "version": 1, "initial_window": 256 * 1024}
+        {"motd": "welcome", "version": 2, "initial_window": 256 * 1024}
     )
 
 
@@ -188,7 +188,7 @@ payloads = st.one_of(
     json_objects.map(lambda o: h.json_frame(0, 0, o)[10:]),
     st.builds(
         lambda v, w, t: h.hello(version=v, initial_window=w, token=t)[10:],
-        st.sampled_from([1, 1, 1, 2, "1", None]),
+        st.sampled_from([2, 2, 2, 1, "2", None]),
         st.one_of(st.just(256 * 1024), st.integers(-5, 2**32)),
         st.text(max_size=5),
     ),
