@@ -25,6 +25,7 @@ from client.errors import (
     ConfigurationError,
     RelayUnreachableError,
     RelayVerificationError,
+    RelayVersionError,
     TunnelError,
     TunnelLostError,
 )
@@ -210,6 +211,11 @@ class AgentLink(MuxLink):
             self.agent.fail(AuthenticationError(
                 "the relay refused the token: check TUNNEL_TOKEN / --token "
                 "(a relay started with --rotate-token invalidates old tokens)"
+            ))
+        elif code == ErrorCode.UNSUPPORTED_VERSION:
+            self.agent.fail(RelayVersionError(
+                f"the relay speaks another protocol version ({message}): "
+                "run the same tunnel-relay release on both sides"
             ))
         elif code not in (ErrorCode.NO_ERROR, ErrorCode.SESSION_REPLACED):
             self._log.warn("relay closed the link: {code} {message}", code=getattr(code, "name", code), message=message)

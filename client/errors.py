@@ -9,6 +9,7 @@ control protocol's, shared with the relay; the rest happen only here.
 from relay.mux.control import (  # noqa: F401  (one family with the relay's: relay/mux/control.py)
     BadServiceNameError,
     ConfigurationError,
+    LimitExceededError,
     NoPortsAvailableError,
     ReclaimFailedError,
     TunnelError,
@@ -40,3 +41,9 @@ class TunnelLostError(TunnelError):
     """A tunnel's address expired while the link was down; it is closed."""
 
     exit_code = 7
+
+
+class RelayVersionError(TunnelError):
+    """The relay speaks another version of the mux protocol: upgrade one side."""
+
+    exit_code = 8

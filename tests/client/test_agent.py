@@ -692,3 +692,22 @@ def test_a_refusal_for_a_tunnel_closed_in_flight_is_ignored():
     relay.reply(control.error_reply(request["id"], control.request_error("no_free_port", "full")))
     assert relay.requests() == []
     assert not agent.done.called and not relay.link.closed
+
+
+def test_a_relay_of_another_protocol_version_stops_the_agent():
+    """GOAWAY(UNSUPPORTED_VERSION) from the relay ends the agent with RelayVersionError (exit 8), no retries."""
+    from client.errors import RelayVersionError
+
+    reactor = MemoryReactorClock()
+    agent = TunnelAgent(reactor, RELAY, TOKEN, specs=[tcp_spec()])
+    link = AgentLink(agent)
+    link.makeConnection(StringTransport())
+    relay = MuxConnection(Role.RELAY)
+    try:
+        relay.receive_data(link.transport.value().replace(b'"version":2', b'"version":1'))
+    except Exception:
+        pass
+    link.dataReceived(b"".join(relay.outgoing()))
+    error = failure_of(agent.done)
+    assert error is not None and error.check(RelayVersionError)
+    assert error.value.exit_code == 8 and "version 1" in str(error.value)
