@@ -61,6 +61,7 @@ class RequestErrorCode(str, enum.Enum):
     UNKNOWN_TUNNEL = "unknown_tunnel"
     RECLAIM_FAILED = "reclaim_failed"
     LIMIT_EXCEEDED = "limit_exceeded"
+    RELAY_OVERLOADED = "relay_overloaded"
 
 
 # -- the error family both ends raise ------------------------------------------
@@ -121,7 +122,14 @@ class LimitExceededError(TunnelRequestError):
     default_code = RequestErrorCode.LIMIT_EXCEEDED
 
 
+class RelayOverloadedError(TunnelRequestError):
+    """The relay itself is out of a resource (file descriptors): try later or elsewhere."""
+
+    default_code = RequestErrorCode.RELAY_OVERLOADED
+
+
 ERRORS_BY_CODE: dict[RequestErrorCode, type[TunnelRequestError]] = {
+    RequestErrorCode.RELAY_OVERLOADED: RelayOverloadedError,
     RequestErrorCode.LIMIT_EXCEEDED: LimitExceededError,
     RequestErrorCode.NO_FREE_PORT: NoPortsAvailableError,
     RequestErrorCode.BAD_SERVICE_NAME: BadServiceNameError,

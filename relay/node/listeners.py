@@ -9,18 +9,21 @@ a visitor on it needs no lookup.
 
 from __future__ import annotations
 
+import errno
+
 from twisted.internet import defer
 from twisted.internet.endpoints import quoteStringArgument, serverFromString
 from twisted.internet.error import CannotListenError
 from twisted.internet.protocol import ServerFactory
 from twisted.logger import Logger
 
-from relay.mux.control import NoPortsAvailableError
+from relay.mux.control import NoPortsAvailableError, RelayOverloadedError
 from relay.node.ports import NoFreePortError, PortAllocator
 from relay.wire.tcpio import LISTEN_BACKLOG
 
 # Ports another process happens to hold are skipped; give up after this many.
 MAX_BIND_ATTEMPTS = 32
+OUT_OF_FILES = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
 
 
 class VisitorFactory(ServerFactory):
@@ -69,8 +72,11 @@ class PublicPorts:
                     f"tcp:{port}:interface={quoteStringArgument(self.interface)}:backlog={LISTEN_BACKLOG}",
                 )
                 factory.listening = yield listener.listen(factory)
-            except CannotListenError:
+            except CannotListenError as e:
                 self.allocator.unclaim(port)  # held elsewhere: not ours to quarantine
+                if getattr(e.socketError, "errno", None) in OUT_OF_FILES:
+                    # Not "no bindable port": no port would bind now.
+                    raise RelayOverloadedError(None, "the relay is out of file descriptors") from None
                 continue
             except BaseException:
                 self.allocator.unclaim(port)

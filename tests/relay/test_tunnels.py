@@ -229,3 +229,23 @@ def test_an_ended_tunnel_s_id_stays_out_of_use_for_a_day_then_is_forgotten():
     node.reactor.advance(2)
     assert not directory.id_in_use(tunnel_id)
     assert directory._ended == {} and directory._ids == set()
+
+
+def test_out_of_file_descriptors_is_reported_as_such_not_as_no_free_port(monkeypatch):
+    """At the open-file limit open_tunnel answers relay_overloaded (not a misleading no_free_port), and frees the port it tried."""
+    import errno
+    import socket
+
+    from twisted.internet.error import CannotListenError
+
+    node = Node()
+    agent = node.agent()
+
+    def listen_fails(port, factory, backlog=50, interface=""):
+        raise CannotListenError(interface, port, socket.error(errno.EMFILE, "Too many open files"))
+
+    monkeypatch.setattr(node.reactor, "listenTCP", listen_fails)
+    reply = agent.open()
+    assert reply.error.code is RequestErrorCode.RELAY_OVERLOADED
+    assert "file descriptors" in str(reply.error)
+    assert node.allocator.in_use == set() and node.allocator.quarantined() == 0
