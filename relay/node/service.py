@@ -56,7 +56,7 @@ SETTINGS = {
     "port-quarantine-seconds": (120.0, float, "How long a freed port rests before reuse."),
     "keepalive-interval": (DEFAULT_KEEPALIVE_INTERVAL_SECONDS, float, "Seconds between link pings."),
     "keepalive-timeout": (DEFAULT_KEEPALIVE_TIMEOUT_SECONDS, float, "Silence after which a link is dead."),
-    "handshake-timeout": (DEFAULT_HANDSHAKE_TIMEOUT_SECONDS, float, "Deadline for an agent connection's TLS handshake, and again for its HELLO."),
+    "handshake-timeout": (DEFAULT_HANDSHAKE_TIMEOUT_SECONDS, float, "Deadline for an agent connection's TLS handshake and HELLO together, from the TCP accept."),
 }
 
 
