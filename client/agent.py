@@ -31,7 +31,8 @@ from client.errors import (
 )
 from client.config import ServiceSpec, TunnelSpec, parse_host_port
 from client.proxyheader import proxy_header
-from relay.wire.link import DEFAULT_KEEPALIVE_INTERVAL_SECONDS, DEFAULT_KEEPALIVE_TIMEOUT_SECONDS, MuxLink, SplicedConnection
+from relay.wire.link import DEFAULT_KEEPALIVE_INTERVAL_SECONDS, DEFAULT_KEEPALIVE_TIMEOUT_SECONDS, MuxLink
+from relay.wire.splice import Splice
 from relay.mux import ErrorCode, MuxConnection, Role
 from relay.wire.tlslayer import TLSLayerFactory
 
@@ -164,13 +165,19 @@ class AgentLink(MuxLink):
         if service is None:
             self.mux.reset(stream_id, ErrorCode.REFUSED_STREAM, "no such tunnel or service on this agent")
             return
-        splice = SplicedConnection(self, stream_id)
+        # splice.a: the service's TCP connection; splice.b: the stream.
+        splice = Splice()
         if service.proxy_protocol:
-            splice.preamble = proxy_header(service.proxy_protocol, metadata.get("peer"), metadata.get("local"))
-        self.attach_splice(splice)
+            splice.a.preamble = proxy_header(service.proxy_protocol, metadata.get("peer"), metadata.get("local"))
+
+        def opened():
+            stream = self.streams.get(stream_id)  # gone if it ended while we connected
+            if stream is not None:
+                stream.report_opened()
 
         def connected(protocol):
             self.agent.remember_address(service, protocol.transport.getPeer())
+            opened()
 
         def failed(failure):
             self.agent.forget_address(service)
@@ -178,29 +185,31 @@ class AgentLink(MuxLink):
                 "cannot reach {target} for a visitor of {url}: {error}",
                 target=service.target, url=tunnel.url, error=failure.getErrorMessage(),
             )
-            if self.splices.pop(stream_id, None) is not None and not self.closed:
-                splice.stream_open = False
-                self.mux.reset(stream_id, ErrorCode.CONNECT_FAILED, "service unreachable")
-                self.flush()
+            stream = self.streams.get(stream_id)
+            if stream is not None:
+                stream.reset(ErrorCode.CONNECT_FAILED, "service unreachable")
 
-        address = self.agent.known_address(service)
-        if address is not None:
-            # The address that worked last time: reactor.connectTCP straight to
-            # it, without an endpoint's Deferred chain and wrapping protocol
-            # (a third of the agent's CPU per visitor at 2,000 connections/s).
-            host, port = address
-            self.agent.reactor.connectTCP(
-                host, port, _SpliceConnector(splice, failed), timeout=SERVICE_CONNECT_TIMEOUT_SECONDS
-            )
-            return
-        try:
-            endpoint = self.agent.service_endpoint(service)
-        except Exception as e:  # e.g. an agent-side TLS listener that could not start
-            failed(Failure(e))
-            return
-        d = endpoint.connect(_SpliceFactory(splice))
-        d.addCallbacks(connected, failed)
-        d.addErrback(lambda f: self._log.failure("splice setup failed", f))
+        def connect_service():
+            address = self.agent.known_address(service)
+            if address is not None:
+                # The address that worked last time: reactor.connectTCP straight to
+                # it, without an endpoint's Deferred chain and wrapping protocol
+                # (a third of the agent's CPU per visitor at 2,000 connections/s).
+                host, port = address
+                connector = _SpliceConnector(splice.a, opened, failed)
+                self.agent.reactor.connectTCP(host, port, connector, timeout=SERVICE_CONNECT_TIMEOUT_SECONDS)
+                return
+            try:
+                endpoint = self.agent.service_endpoint(service)
+            except Exception as e:  # e.g. an agent-side TLS listener that could not start
+                failed(Failure(e))
+                return
+            d = endpoint.connect(_SpliceFactory(splice.a))
+            d.addCallbacks(connected, failed)
+            d.addErrback(lambda f: self._log.failure("splice setup failed", f))
+
+        splice.b.when_connected = connect_service
+        self.accept_stream(stream_id, metadata, splice.b)
 
     def on_goaway(self, code, message: str):
         if code == ErrorCode.AUTH_FAILED:
@@ -221,11 +230,11 @@ class _SpliceFactory(Factory):
 
     noisy = False
 
-    def __init__(self, splice: SplicedConnection):
-        self.splice = splice
+    def __init__(self, side):
+        self.side = side
 
     def buildProtocol(self, addr):
-        return self.splice
+        return self.side
 
 
 class _SpliceConnector(ClientFactory):
@@ -233,12 +242,14 @@ class _SpliceConnector(ClientFactory):
 
     noisy = False
 
-    def __init__(self, splice: SplicedConnection, failed):
-        self.splice = splice
+    def __init__(self, side, connected, failed):
+        self.side = side
+        self.connected = connected
         self.failed = failed
 
     def buildProtocol(self, addr):
-        return self.splice
+        self.connected()
+        return self.side
 
     def clientConnectionFailed(self, connector, reason):
         self.failed(reason)

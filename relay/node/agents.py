@@ -13,7 +13,8 @@ import secrets
 from twisted.internet.protocol import ServerFactory
 from twisted.logger import Logger
 
-from relay.wire.link import MuxLink, SplicedConnection
+from relay.wire.link import MuxLink
+from relay.wire.splice import Splice
 from relay.mux import ErrorCode, MuxConnection, MuxProtocolError, Role
 from relay.node.tunnels import TunnelRequestError
 
@@ -134,9 +135,11 @@ class RelayLink(MuxLink):
 
     # -- visitors --------------------------------------------------------------------
 
-    def open_visitor_stream(self, tunnel, endpoint, addr, local, sni=None) -> SplicedConnection:
-        """A stream to the agent for one visitor; `addr` and `local` are the
-        visitor's and our side of its TCP connection (for PROXY headers)."""
+    def open_visitor_stream(self, tunnel, endpoint, addr, local, sni=None):
+        """The protocol for one visitor's connection: once it has its
+        transport, it opens a stream to the agent and is spliced to it.
+        `addr` and `local` are the visitor's and our side of its TCP
+        connection (the stream's getPeer/getHost, and PROXY headers)."""
         metadata = {
             "tunnel": tunnel.tunnel_id,
             "service": endpoint.service,
@@ -145,22 +148,24 @@ class RelayLink(MuxLink):
         }
         if sni is not None:
             metadata["sni"] = sni
-        stream_id = self.mux.open_stream(metadata)
-        splice = SplicedConnection(self, stream_id)
-        splice.tunnel = tunnel
-        self.attach_splice(splice)
-        return splice
+        splice = Splice()
+
+        def open_stream():
+            if self.closed:
+                splice.a.transport.abortConnection()  # the link died since buildProtocol
+                return
+            self.open_stream(metadata, splice.b).report_opened()
+
+        splice.a.when_connected = open_stream
+        return splice.a
 
     def close_visitors(self, tunnel) -> None:
-        for stream_id, splice in list(self.splices.items()):
-            if getattr(splice, "tunnel", None) is tunnel:
-                self.mux.reset(stream_id, ErrorCode.CANCEL, "tunnel closed")
-                del self.splices[stream_id]
-                splice.abort()
+        for stream in list(self.streams_by_tunnel.get(tunnel.tunnel_id, ())):
+            stream.reset(ErrorCode.CANCEL, "tunnel closed")  # its splice aborts the visitor
         self.flush()
 
     def visitor_count(self, tunnel) -> int:
-        return sum(1 for s in self.splices.values() if getattr(s, "tunnel", None) is tunnel)
+        return len(self.streams_by_tunnel.get(tunnel.tunnel_id, ()))
 
     def replace_session(self) -> None:
         """The same agent is back on a new link: drop this one without waiting."""

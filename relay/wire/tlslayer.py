@@ -1,7 +1,7 @@
 """TLS on stdlib ``ssl`` memory BIOs, for visitors' encrypted tunnels and the agent link.
 
 `TLSLayer` is the protocol of a raw TCP connection and, once the TLS
-handshake completes, the transport of an inner protocol (a `SplicedConnection`
+handshake completes, the transport of an inner protocol (a `Splice` side
 for a visitor, a `MuxLink` for the agent link): ciphertext in, plaintext out,
 and back. It is not a TLS library and not a router: on the TLS port the caller
 has already read the ClientHello to route by SNI and hands those bytes over as

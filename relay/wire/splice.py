@@ -1,0 +1,214 @@
+"""`Splice`: two transports joined, each the producer of the other.
+
+One class for every splice of the tunnel: a visitor's TCP connection (or its
+relay-terminated TLS plaintext, or its passthrough raw bytes) to a
+`MuxStream` on the relay; a `MuxStream` (or the plaintext of a `TLSLayer`
+running on one) to the service's TCP connection on the agent. It is not a
+proxy with buffers of its own: bytes read on one side are written to the
+other at once, and Twisted's producer/consumer pair bounds everything.
+
+A splice has two protocols, `a` and `b` (`_SpliceSide`), one per transport.
+Each side is the push producer registered on the *other* side's transport:
+when that transport's buffer fills, it pauses the side, which pauses reading
+its own transport (a TCP socket stops being read; a `MuxStream` withholds
+window credit). The side sits between the two so the splice, not the
+transport, decides what a consumer's ``stopProducing`` means (nothing: the
+``connectionLost`` that follows it does).
+
+Rules:
+- Either side may connect first (the agent's stream exists before its service
+  connection). The first side waits with its transport paused; bytes still
+  delivered meanwhile (a read in flight, or DATA a paused stream does not
+  credit) are kept and written first at the join, after the `preamble` of the
+  side that receives them (a PROXY header for the service).
+- Half-close both ways: EOF read on one side -> ``loseWriteConnection`` on the
+  other (after unregistering the producer that can produce no more: a paused
+  one would make Twisted skip the shutdown). When the other direction is
+  already done, the EOF closes at once instead (one step, not three turns).
+- Both directions done (each transport's ``writeConnectionLost``) -> both close.
+- A side lost before both EOFs were passed on (a reset, an abort, a stream
+  RESET) aborts the other: the peer must not wait for bytes that never come.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+from twisted.internet.interfaces import IHalfCloseableProtocol, IPushProducer
+from twisted.internet.protocol import Protocol
+from twisted.logger import Logger
+from zope.interface import implementer
+
+from relay.wire.stream import MuxStream
+from relay.wire.tcpio import set_socket_options, write_now
+from relay.wire.tlslayer import TLSLayer
+
+
+def _writer(transport):
+    """The fastest correct write for `transport`: write_now to a TCP socket
+    (sent at once when idle, docs/performance.md); the layers' own write to a
+    stream or TLS layer (write_now would only fall back to it)."""
+    if isinstance(transport, (MuxStream, TLSLayer)):
+        return transport.write
+    return partial(write_now, transport)
+
+
+@implementer(IHalfCloseableProtocol, IPushProducer)
+class _SpliceSide(Protocol):
+    """The protocol of one transport of a `Splice`, and the producer that the
+    other transport pauses."""
+
+    _log = Logger()
+
+    def __init__(self, splice: "Splice"):
+        self.splice = splice
+        self.other: _SpliceSide | None = None
+        self.preamble = b""  # written to this side's transport before anything else
+        # Called at connectionMade, before the side waits (it may connect the
+        # other side at once: no pause and resume of this transport then).
+        self.when_connected = None
+        self._send = None  # the other transport's write, once joined
+        self._write = None  # this transport's write
+        self._early: list[bytes] = []
+        self.read_ended = False  # EOF read (passed on, or to be at the join)
+        self.eof_passed = False  # the other transport was told (loseWriteConnection)
+        self.write_ended = False  # our transport's write side is done (or it is gone)
+        self.lost = False
+        self.paused = False  # the other transport's consumer paused us
+        self._waiting = False  # we paused our transport until the other side connects
+
+    # -- Twisted calls these -----------------------------------------------------
+
+    def connectionMade(self):
+        transport = self.transport
+        if not isinstance(transport, MuxStream):
+            set_socket_options(transport, keepalive=True)
+        self._write = _writer(transport)
+        hook, self.when_connected = self.when_connected, None
+        if hook is not None:
+            hook()
+        self.splice._side_connected(self)
+
+    def dataReceived(self, data: bytes):
+        send = self._send
+        if send is None:
+            self._early.append(data)  # bounded: our transport is paused until the join
+            return
+        send(data)
+
+    def readConnectionLost(self):
+        self.read_ended = True
+        if self._send is not None:
+            self.splice._pass_eof(self)
+
+    def writeConnectionLost(self):
+        self.write_ended = True
+        self.splice._write_ended()
+
+    def connectionLost(self, reason):
+        self.lost = True
+        self.write_ended = True
+        self._early = []
+        self.splice._side_lost(self)
+
+    # -- IPushProducer, registered on the other side's transport -------------------
+
+    def pauseProducing(self):
+        if not self.paused:
+            self.paused = True
+            if not self._waiting and not self.read_ended and not self.lost:
+                self.transport.pauseProducing()
+
+    def resumeProducing(self):
+        if self.paused:
+            self.paused = False
+            # After EOF Twisted has dropped the reader; resuming a TCP
+            # transport would read EOF again (readConnectionLost twice).
+            if not self._waiting and not self.read_ended and not self.lost:
+                self.transport.resumeProducing()
+
+    def stopProducing(self):
+        pass  # the other transport is closing: its connectionLost decides
+
+
+class Splice:
+    """Joins the transports of `a` and `b`: use ``splice.a`` and ``splice.b``
+    as the two protocols (in either order)."""
+
+    def __init__(self):
+        self.a = _SpliceSide(self)
+        self.b = _SpliceSide(self)
+        self.a.other, self.b.other = self.b, self.a
+        self.joined = False
+
+    def _side_connected(self, side: _SpliceSide) -> None:
+        if self.joined or side.lost:
+            return
+        other = side.other
+        if other.lost:
+            side.transport.abortConnection()  # e.g. the stream was reset while we connected
+            return
+        if other.transport is None or other._write is None:
+            side._waiting = True
+            side.transport.pauseProducing()  # nothing to write to yet
+            return
+        self._join()
+
+    def _join(self) -> None:
+        self.joined = True
+        a, b = self.a, self.b
+        a._send, b._send = b._write, a._write
+        b.transport.registerProducer(a, True)
+        a.transport.registerProducer(b, True)
+        for side in (a, b):
+            if side.preamble:
+                side._write(side.preamble)
+        for side in (a, b):
+            early, side._early = side._early, []
+            for data in early:
+                side._send(data)
+            if side.read_ended and not side.eof_passed and not side.other.lost:
+                self._pass_eof(side)  # EOF came before the join: pass it on now
+        for side in (a, b):
+            if side._waiting:
+                side._waiting = False
+                # Unless writing its kept bytes filled the other transport.
+                if not side.paused and not side.read_ended and not side.lost:
+                    side.transport.resumeProducing()
+
+    def _pass_eof(self, side: _SpliceSide) -> None:
+        """`side` read EOF: end the other transport's write side."""
+        other = side.other
+        side.eof_passed = True
+        if other.lost:
+            return
+        transport = other.transport
+        transport.unregisterProducer()  # `side` produces no more for it
+        if side.write_ended:
+            # The other direction already ended (its EOF reached our
+            # transport): both are done, so close in one step. Buffered
+            # bytes still go first.
+            transport.loseConnection()
+        else:
+            transport.loseWriteConnection()
+
+    def _write_ended(self) -> None:
+        a, b = self.a, self.b
+        if a.write_ended and b.write_ended:
+            for side in (a, b):
+                if not side.lost:
+                    side.transport.loseConnection()
+
+    def _side_lost(self, side: _SpliceSide) -> None:
+        other = side.other
+        if other.lost or other.transport is None:
+            return  # the other side, when it connects, sees `side.lost`
+        if not self.joined:
+            other.transport.abortConnection()
+            return
+        if side.eof_passed and other.eof_passed:
+            # Both directions ended in order: the other transport finishes
+            # its last writes and closes (at once if it already has).
+            self._write_ended()
+            return
+        other.transport.abortConnection()
