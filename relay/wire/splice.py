@@ -32,8 +32,6 @@ Rules:
 
 from __future__ import annotations
 
-from functools import partial
-
 from twisted.internet.interfaces import IHalfCloseableProtocol, IPushProducer
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
@@ -44,13 +42,11 @@ from relay.wire.tcpio import set_socket_options, write_now
 from relay.wire.tlslayer import TLSLayer
 
 
-def _writer(transport):
-    """The fastest correct write for `transport`: write_now to a TCP socket
-    (sent at once when idle, docs/performance.md); the layers' own write to a
-    stream or TLS layer (write_now would only fall back to it)."""
-    if isinstance(transport, (MuxStream, TLSLayer)):
-        return transport.write
-    return partial(write_now, transport)
+def _is_socket(transport) -> bool:
+    """write_now for a TCP socket (sent at once when idle, docs/performance.md);
+    a stream's or TLS layer's own write otherwise (write_now would only fall
+    back to it, after a failed attribute lookup per write)."""
+    return not isinstance(transport, (MuxStream, TLSLayer))
 
 
 @implementer(IHalfCloseableProtocol, IPushProducer)
@@ -67,9 +63,12 @@ class _SpliceSide(Protocol):
         # Called at connectionMade, before the side waits (it may connect the
         # other side at once: no pause and resume of this transport then).
         self.when_connected = None
-        self._send = None  # the other transport's write, once joined
-        self._write = None  # this transport's write
-        self._early: list[bytes] = []
+        # The other transport once joined, and how to write to it. Plain
+        # attributes, not a bound write per side: an idle visitor holds
+        # these for its whole life (bench: RSS per idle visitor).
+        self._peer = None
+        self._peer_is_socket = False
+        self._early: list[bytes] | None = None
         self.read_ended = False  # EOF read (passed on, or to be at the join)
         self.eof_passed = False  # the other transport was told (loseWriteConnection)
         self.write_ended = False  # our transport's write side is done (or it is gone)
@@ -83,22 +82,27 @@ class _SpliceSide(Protocol):
         transport = self.transport
         if not isinstance(transport, MuxStream):
             set_socket_options(transport, keepalive=True)
-        self._write = _writer(transport)
         hook, self.when_connected = self.when_connected, None
         if hook is not None:
             hook()
         self.splice._side_connected(self)
 
     def dataReceived(self, data: bytes):
-        send = self._send
-        if send is None:
-            self._early.append(data)  # bounded: our transport is paused until the join
-            return
-        send(data)
+        peer = self._peer
+        if peer is None:
+            # Bounded: our transport is paused until the join.
+            if self._early is None:
+                self._early = [data]
+            else:
+                self._early.append(data)
+        elif self._peer_is_socket:
+            write_now(peer, data)
+        else:
+            peer.write(data)
 
     def readConnectionLost(self):
         self.read_ended = True
-        if self._send is not None:
+        if self._peer is not None:
             self.splice._pass_eof(self)
 
     def writeConnectionLost(self):
@@ -108,7 +112,7 @@ class _SpliceSide(Protocol):
     def connectionLost(self, reason):
         self.lost = True
         self.write_ended = True
-        self._early = []
+        self._early = None
         self.splice._side_lost(self)
 
     # -- IPushProducer, registered on the other side's transport -------------------
@@ -148,7 +152,7 @@ class Splice:
         if other.lost:
             side.transport.abortConnection()  # e.g. the stream was reset while we connected
             return
-        if other.transport is None or other._write is None:
+        if other.transport is None or not other.connected:
             side._waiting = True
             side.transport.pauseProducing()  # nothing to write to yet
             return
@@ -157,16 +161,18 @@ class Splice:
     def _join(self) -> None:
         self.joined = True
         a, b = self.a, self.b
-        a._send, b._send = b._write, a._write
+        for side in (a, b):
+            side._peer = side.other.transport
+            side._peer_is_socket = _is_socket(side._peer)
         b.transport.registerProducer(a, True)
         a.transport.registerProducer(b, True)
         for side in (a, b):
             if side.preamble:
-                side._write(side.preamble)
+                side.other.dataReceived(side.preamble)  # written to side's own transport
         for side in (a, b):
-            early, side._early = side._early, []
-            for data in early:
-                side._send(data)
+            early, side._early = side._early, None
+            for data in early or ():
+                side.dataReceived(data)
             if side.read_ended and not side.eof_passed and not side.other.lost:
                 self._pass_eof(side)  # EOF came before the join: pass it on now
         for side in (a, b):
