@@ -145,7 +145,7 @@ class MuxLink(Protocol):
     def pauseProducing(self):
         if not self.paused:
             self.paused = True
-            for stream in list(self.streams.values()):
+            for stream in self.streams.values():  # pausing a producer ends no stream
                 stream.update_producer()
 
     def resumeProducing(self):
