@@ -27,7 +27,7 @@ from relay.mux.connection import LinkState
 from relay.mux import events as ev
 from relay.wire.metrics import NULL_METRICS
 from relay.wire.stream import MuxStream
-from relay.wire.tcpio import read_into_shared_buffer, set_socket_options, write_now
+from relay.wire.tcpio import read_into_shared_buffer, set_socket_options
 from relay.wire.tlslayer import TLSLayer
 
 DEFAULT_KEEPALIVE_INTERVAL_SECONDS = 10.0

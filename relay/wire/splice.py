@@ -34,7 +34,6 @@ from __future__ import annotations
 
 from twisted.internet.interfaces import IHalfCloseableProtocol, IPushProducer
 from twisted.internet.protocol import Protocol
-from twisted.logger import Logger
 from zope.interface import implementer
 
 from relay.wire.stream import MuxStream
@@ -53,8 +52,6 @@ def _is_socket(transport) -> bool:
 class _SpliceSide(Protocol):
     """The protocol of one transport of a `Splice`, and the producer that the
     other transport pauses."""
-
-    _log = Logger()
 
     def __init__(self, splice: "Splice"):
         self.splice = splice

@@ -379,3 +379,41 @@ def test_reset_goes_after_data_corked_in_the_same_turn():
     got = peer.receive_data(transport.value())
     kinds = [type(e) for e in got if type(e) in (ev.DataReceived, ev.StreamReset)]
     assert kinds == [ev.DataReceived, ev.StreamReset]
+
+
+def test_close_visitors_resets_only_that_tunnels_streams():
+    """RelayLink keeps its visitors per tunnel: close_visitors(t) resets t's
+    streams and aborts their visitors; visitor_count counts per tunnel."""
+    from types import SimpleNamespace
+
+    from twisted.internet.address import IPv4Address
+
+    clock = Clock()
+    link, transport, registry = relay_link(clock)
+    agent = MuxConnection(Role.AGENT)
+    agent.send_hello({"token": TOKEN})
+    link.dataReceived(b"".join(agent.outgoing()))
+    agent.receive_data(transport.value())
+    transport.clear()
+    tunnels = [SimpleNamespace(tunnel_id=name) for name in ("t1", "t2")]
+    endpoint = SimpleNamespace(service="")
+    visitors = {}
+    for tunnel in tunnels:
+        for port in (1, 2):
+            local = StringTransport()
+            protocol = link.open_visitor_stream(
+                tunnel, endpoint, IPv4Address("TCP", "198.51.100.7", port), IPv4Address("TCP", "127.0.0.1", 28000)
+            )
+            protocol.makeConnection(local)
+            visitors.setdefault(tunnel.tunnel_id, []).append(local)
+    opened = [e for e in agent.receive_data(transport.value()) if isinstance(e, ev.StreamOpened)]
+    transport.clear()
+    assert [e.metadata["tunnel"] for e in opened] == ["t1", "t1", "t2", "t2"]
+    assert opened[0].metadata["peer"] == ["198.51.100.7", 1]
+    assert [link.visitor_count(t) for t in tunnels] == [2, 2]
+    link.close_visitors(tunnels[0])
+    resets = [e for e in agent.receive_data(transport.value()) if isinstance(e, ev.StreamReset)]
+    assert sorted(e.stream_id for e in resets) == sorted(e.stream_id for e in opened[:2])
+    assert all(local.disconnecting for local in visitors["t1"])
+    assert not any(local.disconnecting for local in visitors["t2"])
+    assert [link.visitor_count(t) for t in tunnels] == [0, 2]
