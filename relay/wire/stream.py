@@ -137,7 +137,7 @@ class MuxStream:
     # Slots: every open visitor holds one stream for its whole life (bench:
     # RSS per idle visitor), and nothing else hangs attributes on it.
     __slots__ = (
-        "link", "stream_id", "metadata", "tunnel_id", "state", "protocol", "bytes_in", "bytes_out",
+        "link", "stream_id", "tunnel_id", "_peer_pair", "_local_pair", "state", "protocol", "bytes_in", "bytes_out",
         "opened_at", "connected", "disconnecting", "_mux", "_half_closeable", "_paused",
         "_uncredited", "_stash", "_fin_pending", "_producer", "_producer_paused",
         "_reported_open", "_close_call",
@@ -146,7 +146,10 @@ class MuxStream:
     def __init__(self, link, stream_id: int, metadata: dict):
         self.link = link
         self.stream_id = stream_id
-        self.metadata = metadata
+        # Only what the stream answers for, not the whole OPEN dict: it lives
+        # as long as the visitor does.
+        self._peer_pair = metadata.get("peer")
+        self._local_pair = metadata.get("local")
         tunnel_id = metadata.get("tunnel")
         self.tunnel_id = tunnel_id if isinstance(tunnel_id, str) else None
         self.state = StreamState.OPEN
@@ -367,11 +370,11 @@ class MuxStream:
 
     def getPeer(self):
         """The visitor's address, as the relay's OPEN gave it."""
-        return stream_address(self.metadata.get("peer"))
+        return stream_address(self._peer_pair)
 
     def getHost(self):
         """The public address the visitor reached, as the relay's OPEN gave it."""
-        return stream_address(self.metadata.get("local"))
+        return stream_address(self._local_pair)
 
     # -- IConsumer: the protocol above's source of writes ----------------------------
 
