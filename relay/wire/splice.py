@@ -24,7 +24,8 @@ Rules:
 - Half-close both ways: EOF read on one side -> ``loseWriteConnection`` on the
   other (after unregistering the producer that can produce no more: a paused
   one would make Twisted skip the shutdown). When the other direction is
-  already done, the EOF closes at once instead (one step, not three turns).
+  already done, the EOF closes at once instead (half-close, then close, took
+  Twisted two more reactor turns per connection).
 - Both directions done (each transport's ``writeConnectionLost``) -> both close.
 - A side lost before both EOFs were passed on (a reset, an abort, a stream
   RESET) aborts the other: the peer must not wait for bytes that never come.
