@@ -3,8 +3,10 @@
 `TunnelAgent` keeps the link up with Twisted's ClientService (exponential
 backoff with jitter) and, on every new link, asks again for each tunnel it
 holds, presenting the tunnel's reclaim secret so the relay gives the same
-public address back. `AgentLink` is the agent's end of the mux link: it opens
-a local connection per stream the relay opens.
+public address back. `AgentLink` is the agent's end of the mux link: per
+stream the relay opens it connects to the service and splices the two
+(relay.wire.splice); for a passthrough service given --cert/--key, a
+`TLSLayer` runs on the stream itself and its plaintext is what is spliced.
 
 No global reactor here: callers pass one (client/cli.py, the Python API).
 """
@@ -15,10 +17,9 @@ import ssl
 
 from twisted.application.internet import ClientService
 from twisted.internet import defer
-from twisted.internet.endpoints import HostnameEndpoint, TCP4ClientEndpoint
+from twisted.internet.endpoints import HostnameEndpoint
 from twisted.internet.protocol import ClientFactory, Factory
 from twisted.logger import Logger
-from twisted.python.failure import Failure
 
 from client.errors import (
     AuthenticationError,
@@ -31,11 +32,12 @@ from client.errors import (
 )
 from client.config import ServiceSpec, TunnelSpec, parse_host_port
 from client.proxyheader import proxy_header
-from relay.wire.link import DEFAULT_KEEPALIVE_INTERVAL_SECONDS, DEFAULT_KEEPALIVE_TIMEOUT_SECONDS, MuxLink, SplicedConnection
+from relay.wire.link import DEFAULT_KEEPALIVE_INTERVAL_SECONDS, DEFAULT_KEEPALIVE_TIMEOUT_SECONDS, MuxLink
 from relay.mux import ErrorCode, MuxConnection, Role
 from relay.mux import control
 from relay.wire.metrics import NULL_METRICS
-from relay.wire.tlslayer import TLSLayerFactory
+from relay.wire.splice import Splice
+from relay.wire.tlslayer import TLSLayer, TLSLayerFactory
 
 AGENT_NAME = "tunnel-client/0.1"
 SERVICE_CONNECT_TIMEOUT_SECONDS = 10.0
@@ -143,6 +145,7 @@ class AgentLink(MuxLink):
             agent.reactor,
             keepalive_interval_seconds=agent.keepalive_interval_seconds,
             keepalive_timeout_seconds=agent.keepalive_timeout_seconds,
+            metrics=agent.metrics,
         )
         self.agent = agent
         self.ready = False
@@ -167,43 +170,31 @@ class AgentLink(MuxLink):
         if service is None:
             self.mux.reset(stream_id, ErrorCode.REFUSED_STREAM, "no such tunnel or service on this agent")
             return
-        splice = SplicedConnection(self, stream_id)
+        context = None
+        if service.tls_files:
+            try:
+                context = self.agent.server_context(service)
+            except ConfigurationError as e:
+                self._log.warn("cannot terminate TLS for {target}: {error}", target=service.target, error=e)
+                self.mux.reset(stream_id, ErrorCode.CONNECT_FAILED, "agent TLS not available")
+                return
+        # splice.a: the service's TCP connection; splice.b: the stream, or the
+        # plaintext of the TLS layer on it. The service is dialled once b is
+        # connected: at once, or after the visitor's TLS handshake, so a
+        # failed handshake costs the service nothing.
+        splice = Splice()
         if service.proxy_protocol:
-            splice.preamble = proxy_header(service.proxy_protocol, metadata.get("peer"), metadata.get("local"))
-        self.attach_splice(splice)
+            splice.a.preamble = proxy_header(service.proxy_protocol, metadata.get("peer"), metadata.get("local"))
+        splice.b.when_connected = _ServiceDial(self, stream_id, tunnel, service, splice.a).start
+        if context is None:
+            self.accept_stream(stream_id, metadata, splice.b)
+        else:
+            # TLS straight on the stream: no loopback listener, no extra hop.
+            layer = TLSLayer(context, splice.b, self.clock, on_handshake_failed=self._visitor_tls_failed)
+            self.accept_stream(stream_id, metadata, layer)
 
-        def connected(protocol):
-            self.agent.remember_address(service, protocol.transport.getPeer())
-
-        def failed(failure):
-            self.agent.forget_address(service)
-            self._log.warn(
-                "cannot reach {target} for a visitor of {url}: {error}",
-                target=service.target, url=tunnel.url, error=failure.getErrorMessage(),
-            )
-            if self.splices.pop(stream_id, None) is not None and not self.closed:
-                splice.stream_open = False
-                self.mux.reset(stream_id, ErrorCode.CONNECT_FAILED, "service unreachable")
-                self.flush()
-
-        address = self.agent.known_address(service)
-        if address is not None:
-            # The address that worked last time: reactor.connectTCP straight to
-            # it, without an endpoint's Deferred chain and wrapping protocol
-            # (a third of the agent's CPU per visitor at 2,000 connections/s).
-            host, port = address
-            self.agent.reactor.connectTCP(
-                host, port, _SpliceConnector(splice, failed), timeout=SERVICE_CONNECT_TIMEOUT_SECONDS
-            )
-            return
-        try:
-            endpoint = self.agent.service_endpoint(service)
-        except Exception as e:  # e.g. an agent-side TLS listener that could not start
-            failed(Failure(e))
-            return
-        d = endpoint.connect(_SpliceFactory(splice))
-        d.addCallbacks(connected, failed)
-        d.addErrback(lambda f: self._log.failure("splice setup failed", f))
+    def _visitor_tls_failed(self, reason: str) -> None:
+        self._log.debug("visitor TLS handshake failed: {reason}", reason=reason)
 
     def on_goaway(self, code, message: str):
         if code == ErrorCode.AUTH_FAILED:
@@ -224,33 +215,60 @@ class AgentLink(MuxLink):
         self.agent.link_lost(self)
 
 
-class _SpliceFactory(Factory):
-    """connectProtocol()'s one-shot factory without its "Starting/Stopping
-    factory" lines: two info lines per visitor would drown the agent's log."""
+class _ServiceDial(ClientFactory):
+    """Connects one stream's service and hands the connection to its splice.
+
+    The factory of both paths: reactor.connectTCP to the address that worked
+    last time, straight, without an endpoint's Deferred chain and wrapping
+    protocol (a third of the agent's CPU per visitor at 2,000 connections/s);
+    else the endpoint for the name as given. One object rather than a
+    closure per callback: the connector keeps it for the connection's life.
+    noisy = False: two "Starting/Stopping factory" lines per visitor would
+    drown the agent's log.
+    """
 
     noisy = False
+    _log = Logger()
 
-    def __init__(self, splice: SplicedConnection):
-        self.splice = splice
+    def __init__(self, link: AgentLink, stream_id: int, tunnel: Tunnel, service: ServiceSpec, side):
+        self.link = link
+        self.stream_id = stream_id
+        self.tunnel = tunnel
+        self.service = service
+        self.side = side
+
+    def start(self) -> None:
+        agent = self.link.agent
+        address = agent.known_address(self.service)
+        if address is not None:
+            host, port = address
+            agent.reactor.connectTCP(host, port, self, timeout=SERVICE_CONNECT_TIMEOUT_SECONDS)
+            return
+        d = agent.service_endpoint(self.service).connect(self)
+        d.addCallbacks(self._connected, self._failed)
+        d.addErrback(lambda f: self._log.failure("splice setup failed", f))
 
     def buildProtocol(self, addr):
-        return self.splice
-
-
-class _SpliceConnector(ClientFactory):
-    """reactor.connectTCP's factory for one visitor's service connection."""
-
-    noisy = False
-
-    def __init__(self, splice: SplicedConnection, failed):
-        self.splice = splice
-        self.failed = failed
-
-    def buildProtocol(self, addr):
-        return self.splice
+        stream = self.link.streams.get(self.stream_id)  # gone if it ended while we connected
+        if stream is not None:
+            stream.report_opened()
+        return self.side
 
     def clientConnectionFailed(self, connector, reason):
-        self.failed(reason)
+        self._failed(reason)
+
+    def _connected(self, protocol) -> None:
+        self.link.agent.remember_address(self.service, protocol.transport.getPeer())
+
+    def _failed(self, failure) -> None:
+        self.link.agent.forget_address(self.service)
+        self._log.warn(
+            "cannot reach {target} for a visitor of {url}: {error}",
+            target=self.service.target, url=self.tunnel.url, error=failure.getErrorMessage(),
+        )
+        stream = self.link.streams.get(self.stream_id)
+        if stream is not None:
+            stream.reset(ErrorCode.CONNECT_FAILED, "service unreachable")
 
 
 class _AgentLinkFactory(Factory):
@@ -317,7 +335,7 @@ class TunnelAgent:
         self._link_gone: defer.Deferred | None = None
         self._attempts_since_link = 0  # failed connects and lost links since the last ready link
         self._resolved: dict[ServiceSpec, tuple[str, int]] = {}
-        self._terminators: dict[ServiceSpec, object] = {}  # service -> its AgentTLSTerminator
+        self._server_contexts: dict[ServiceSpec, ssl.SSLContext] = {}  # --cert/--key services
 
     @property
     def stopped(self) -> bool:
@@ -356,35 +374,26 @@ class TunnelAgent:
 
     def service_endpoint(self, service: ServiceSpec):
         """Where to connect for a visitor whose service has no known address:
-        the name as given; for a passthrough service the agent terminates, its
-        loopback TLS listener."""
-        if service.tls_files:
-            return self._terminator_endpoint(service)
+        the name as given."""
         return HostnameEndpoint(self.reactor, service.host, service.port, timeout=SERVICE_CONNECT_TIMEOUT_SECONDS)
+
+    def server_context(self, service: ServiceSpec) -> ssl.SSLContext:
+        """The TLS server context of a passthrough service the agent
+        terminates (--cert/--key), built once; ConfigurationError if unusable."""
+        context = self._server_contexts.get(service)
+        if context is None:
+            from client.terminate import server_context
+
+            context = self._server_contexts[service] = server_context(*service.tls_files, service.agent_client_ca)
+        return context
 
     def remember_address(self, service: ServiceSpec, address) -> None:
         host = getattr(address, "host", None)
-        if host and not service.tls_files and service not in self._resolved:
+        if host and service not in self._resolved:
             self._resolved[service] = (host, service.port)
 
     def forget_address(self, service: ServiceSpec) -> None:
         self._resolved.pop(service, None)
-
-    def _terminator_endpoint(self, service: ServiceSpec):
-        from client.terminate import AgentTLSTerminator, server_context
-
-        terminator = self._terminators.get(service)
-        if terminator is None:
-            context = server_context(*service.tls_files, service.agent_client_ca)
-            terminator = AgentTLSTerminator(self.reactor, service.host, service.port, context)
-            terminator.start().addErrback(
-                lambda f: self._log.warn("agent-side TLS listener failed: {error}", error=f.getErrorMessage())
-            )
-            if terminator.listening is None:  # TCP listening completes synchronously, or failed
-                raise ConnectionError(f"no agent-side TLS listener for {service.target}")
-            self._terminators[service] = terminator
-        port = terminator.listening.getHost().port
-        return TCP4ClientEndpoint(self.reactor, "127.0.0.1", port, timeout=SERVICE_CONNECT_TIMEOUT_SECONDS)
 
     # -- lifecycle ------------------------------------------------------------------
 
@@ -463,8 +472,6 @@ class TunnelAgent:
         self._stopping = True
         link = self.link
         waits = []
-        for terminator in self._terminators.values():
-            terminator.stop()
         if link is not None and not link.closed:
             self._link_gone = defer.Deferred()
             waits.append(self._link_gone)

@@ -17,8 +17,9 @@ from relay.mux import ErrorCode, MuxConnection, Role
 from relay.mux import control
 from relay.mux.control import CloseTunnel, OpenTunnel, TunnelRequestError
 from relay.node.login import LoginGuard
-from relay.wire.link import MuxLink, SplicedConnection
+from relay.wire.link import MuxLink
 from relay.wire.metrics import NULL_METRICS
+from relay.wire.splice import Splice
 from relay.wire.tlslayer import TLSLayer, TLSLayerFactory
 
 DEFAULT_HANDSHAKE_TIMEOUT_SECONDS = 10.0
@@ -35,12 +36,11 @@ class RelayLink(MuxLink):
             factory.reactor,
             keepalive_interval_seconds=factory.keepalive_interval_seconds,
             keepalive_timeout_seconds=factory.keepalive_timeout_seconds,
+            metrics=factory.metrics,
         )
         self.factory = factory
         self.tunnels = factory.tunnels
-        self.metrics = factory.metrics
         self.session_id = secrets.token_hex(4)
-        self._streams_by_tunnel: dict[str, int] = {}  # tunnel id -> live visitor streams
         self.authenticated = False
         self.graceful = False  # the agent said GOAWAY(NO_ERROR): free its tunnels now
         self._handshake_call = None
@@ -145,9 +145,11 @@ class RelayLink(MuxLink):
 
     # -- visitors --------------------------------------------------------------------
 
-    def open_visitor_stream(self, tunnel, endpoint, addr, local, sni=None) -> SplicedConnection:
-        """A stream to the agent for one visitor; `addr` and `local` are the
-        visitor's and our side of its TCP connection (for PROXY headers)."""
+    def open_visitor_stream(self, tunnel, endpoint, addr, local, sni=None):
+        """The protocol for one visitor's connection: once it has its
+        transport, it opens a stream to the agent and is spliced to it.
+        `addr` and `local` are the visitor's and our side of its TCP
+        connection (the stream's getPeer/getHost, and PROXY headers)."""
         metadata = {
             "tunnel": tunnel.tunnel_id,
             "service": endpoint.service,
@@ -156,39 +158,25 @@ class RelayLink(MuxLink):
         }
         if sni is not None:
             metadata["sni"] = sni
-        stream_id = self.mux.open_stream(metadata)
-        splice = SplicedConnection(self, stream_id)
-        splice.tunnel = tunnel
-        self.attach_splice(splice)
-        tunnel_id = tunnel.tunnel_id
-        self._streams_by_tunnel[tunnel_id] = self._streams_by_tunnel.get(tunnel_id, 0) + 1
-        self.metrics.stream_opened(tunnel_id, 0.0)
-        return splice
+        splice = Splice()
 
-    def splice_lost(self, splice) -> None:
-        super().splice_lost(splice)
-        tunnel = getattr(splice, "tunnel", None)
-        if tunnel is not None and not getattr(splice, "counted_closed", False):
-            splice.counted_closed = True
-            tunnel_id = tunnel.tunnel_id
-            left = self._streams_by_tunnel.get(tunnel_id, 0) - 1
-            if left > 0:
-                self._streams_by_tunnel[tunnel_id] = left
-            else:
-                self._streams_by_tunnel.pop(tunnel_id, None)
-            self.metrics.stream_closed(tunnel_id, 0, 0)
+        def open_stream():
+            if self.closed:
+                splice.a.transport.abortConnection()  # the link died since buildProtocol
+                return
+            self.open_stream(metadata, splice.b).report_opened()
+
+        splice.a.when_connected = open_stream
+        return splice.a
 
     def close_visitors(self, tunnel) -> None:
-        for stream_id, splice in list(self.splices.items()):
-            if getattr(splice, "tunnel", None) is tunnel:
-                self.mux.reset(stream_id, ErrorCode.CANCEL, "tunnel closed")
-                del self.splices[stream_id]
-                splice.abort()
+        for stream in list(self.streams_by_tunnel.get(tunnel.tunnel_id, ())):
+            stream.reset(ErrorCode.CANCEL, "tunnel closed")  # its splice aborts the visitor
         self.flush()
 
     def stream_count(self, tunnel_id: str) -> int:
         """Live visitor streams of a tunnel on this link."""
-        return self._streams_by_tunnel.get(tunnel_id, 0)
+        return len(self.streams_by_tunnel.get(tunnel_id, ()))
 
     def replace_session(self) -> None:
         """The same agent is back on a new link: drop this one without waiting."""

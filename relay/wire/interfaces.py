@@ -42,3 +42,11 @@ class ILayeredTransport(Interface):
 
     def raw_transport():
         """The transport this layer's bytes travel on (None before it is connected)."""
+
+
+class IHalfCloseableTransport(Interface):
+    """A transport that can end its write side alone. `ITCPTransport` has
+    ``loseWriteConnection`` too, along with TCP options a stream does not have."""
+
+    def loseWriteConnection():
+        """Send EOF (a TCP FIN, a mux FIN) after what is queued; keep reading."""

@@ -1,26 +1,23 @@
 """Twisted adapter around the sans-IO mux core, shared by the relay and the agent.
 
 `MuxLink` owns the link transport (TLS over TCP): it feeds received bytes to a
-`MuxConnection`, dispatches the events, flushes queued frames, and runs the
-keepalive. `SplicedConnection` is one local TCP connection (a visitor on the
-relay, a service on the agent) spliced to one mux stream.
+`MuxConnection`, dispatches the events to its streams, flushes queued frames,
+and runs the keepalive. Each stream is a `MuxStream` (relay.wire.stream), the
+transport of whatever protocol runs on it (a `Splice` side, a `TLSLayer`);
+the stream rules (credit, window, half-close) live there.
 
-Backpressure, both ways (Twisted producers and consumers):
-- local -> link: a splice reads only while its stream has send window and the
-  link transport is not paused; bytes the window did not take (at most one
-  read) wait in `_stash` with the local socket paused.
-- link -> local: received DATA is written to the local transport at once; the
-  window credit goes back to the peer only once that transport is not paused
-  (its buffer drained), so a stalled service or visitor costs at most its
-  stream window, and never stalls the other streams of the link.
+Backpressure from the link transport: when it is full, every stream pauses
+the producer above it; the streams that paused one are kept in `_blocked`, so
+a resume visits only those, in a rotating order.
 
-Half-close: local EOF -> FIN (after any stashed bytes); FIN -> loseWriteConnection.
-This module knows nothing of tunnels, tokens or routing: subclasses do.
+This module knows nothing of tunnels, tokens or routing: subclasses do. It
+groups streams by the "tunnel" of their OPEN metadata, so a subclass can close
+or count one tunnel's streams without scanning the others.
 """
 
 import os
 
-from twisted.internet.interfaces import IHalfCloseableProtocol, IPushProducer
+from twisted.internet.interfaces import IPushProducer
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from zope.interface import implementer
@@ -28,8 +25,10 @@ from zope.interface import implementer
 from relay.mux import ErrorCode, MuxConnection, MuxProtocolError, MuxUsageError
 from relay.mux.connection import LinkState
 from relay.mux import events as ev
+from relay.wire.metrics import NULL_METRICS
+from relay.wire.stream import MuxStream
 from relay.wire.interfaces import ILayeredTransport, IMemoryviewReceiver, ITurnEndReactor
-from relay.wire.tcpio import read_into_shared_buffer, set_socket_options, write_now
+from relay.wire.tcpio import read_into_shared_buffer, set_socket_options
 
 DEFAULT_KEEPALIVE_INTERVAL_SECONDS = 10.0
 DEFAULT_KEEPALIVE_TIMEOUT_SECONDS = 30.0
@@ -40,173 +39,6 @@ CLOSE_DEADLINE_SECONDS = 5.0
 # streams queued 4 MiB, and joining, encrypting and sending it all at the end
 # of the turn, out of cache, cost the agent 1.7x the CPU per GB of one stream.
 FLUSH_NOW_BYTES = 256 * 1024
-
-
-@implementer(IHalfCloseableProtocol, IPushProducer)
-class SplicedConnection(Protocol):
-    """A local TCP connection spliced to one mux stream.
-
-    Also the push producer registered with its own transport: that transport
-    calls pauseProducing()/resumeProducing() on us as its write buffer fills
-    and drains, which is when we hold back or return window credit.
-    """
-
-    _log = Logger()
-
-    def __init__(self, link: "MuxLink", stream_id: int):
-        self.link = link
-        self.stream_id = stream_id
-        self.stream_open = True  # the mux stream still exists on our side
-        self._early: list[bytes] = []  # DATA that came before the local connection
-        self._stash = b""  # local bytes our send window has not taken yet
-        self._eof_pending = False  # local EOF seen; FIN waits for the stash
-        self._peer_fin = False
-        self._write_paused = False
-        self._uncredited = 0
-        self._read_paused = False
-        self._window_empty = False
-        self._read_closed = False
-        self._write_closed = False
-        self.preamble = b""  # written before any stream bytes (agent: a PROXY header)
-
-    # -- local side (Twisted calls these) ------------------------------------
-
-    def connectionMade(self):
-        if not self.stream_open:
-            # The stream died (reset, link lost) while we were connecting.
-            self.transport.abortConnection()
-            return
-        set_socket_options(self.transport, keepalive=True)
-        self.transport.registerProducer(self, True)
-        if self.preamble:
-            write_now(self.transport, self.preamble)
-        early, self._early = self._early, []
-        for data in early:
-            self.deliver(data)
-        self.update_reading()
-        if self._peer_fin:
-            self._half_close()
-        self.link.flush_soon()
-
-    def dataReceived(self, data: bytes):
-        if not self.stream_open:
-            return
-        if self._stash:
-            self._stash += data  # only after a pause raced with a read in flight
-        else:
-            self._stash = data
-        self.push()
-        self.link.flush_soon()
-
-    def readConnectionLost(self):
-        self._read_closed = True
-        self._eof_pending = True
-        self.push()
-        self.link.flush_soon()
-        self._close_if_done()
-
-    def writeConnectionLost(self):
-        self._write_closed = True
-        self._close_if_done()
-
-    def _close_if_done(self):
-        # Twisted leaves a half-closed socket open after both halves end. Our
-        # FIN must be queued too: stashed bytes may still wait for window.
-        if self._read_closed and self._write_closed and not self._eof_pending:
-            self.transport.loseConnection()
-
-    def connectionLost(self, reason):
-        self.link.splice_lost(self)
-
-    # -- IPushProducer for the local transport's writes ----------------------
-
-    def pauseProducing(self):
-        self._write_paused = True
-
-    def resumeProducing(self):
-        self._write_paused = False
-        if self._uncredited and self.stream_open:
-            self.link.mux.consumed(self.stream_id, self._uncredited)
-            self._uncredited = 0
-            self.link.flush_soon()
-
-    def stopProducing(self):
-        self._write_paused = True
-
-    # -- link side (MuxLink calls these) -------------------------------------
-
-    def deliver(self, data: bytes) -> None:
-        """Bytes from the peer: write them on, credit them once written."""
-        if self.transport is None:
-            self._early.append(data)  # not connected yet: uncredited, so bounded by the window
-            return
-        write_now(self.transport, data)
-        if self._write_paused:
-            self._uncredited += len(data)
-        else:
-            self.link.mux.consumed(self.stream_id, len(data))
-
-    def peer_ended(self) -> None:
-        self._peer_fin = True
-        if self.transport is not None:
-            self._half_close()
-
-    def _half_close(self) -> None:
-        # No DATA follows a FIN, so no credit is owed: drop the producer first,
-        # or a paused one makes Twisted skip the shutdown once the buffer drains.
-        self.transport.unregisterProducer()
-        if self._read_closed and not self._eof_pending:
-            # The local side's EOF came first and its FIN is queued: both
-            # directions are done, so close in one step (half-close, then
-            # close, took Twisted two more reactor turns per connection).
-            # Buffered bytes still go first.
-            self.transport.loseConnection()
-        else:
-            self.transport.loseWriteConnection()
-
-    def window_opened(self) -> None:
-        self.push()
-
-    def push(self) -> None:
-        """Move stashed bytes into the stream as far as the window allows."""
-        mux = self.link.mux
-        if self.stream_open and self.stream_id not in mux.streams:
-            # The peer reset it in the same read that opened its window: events
-            # come after the core applied every frame of that read.
-            self.stream_open = False
-        if not self.stream_open:
-            return
-        if self._stash:
-            taken = mux.send(self.stream_id, self._stash)
-            self._stash = self._stash[taken:] if taken < len(self._stash) else b""
-        self._window_empty = bool(self._stash) or mux.send_window(self.stream_id) <= 0
-        if self._eof_pending and not self._stash:
-            self._eof_pending = False
-            mux.end_stream(self.stream_id)
-            self.stream_open = self.stream_id in mux.streams
-            if self._peer_fin and self.transport is not None:
-                self._close_if_done()  # the close waited for this FIN
-        self.update_reading()
-
-    def update_reading(self) -> None:
-        if self.transport is None or self._read_closed:
-            # After EOF Twisted has dropped the reader; resumeProducing() would
-            # add it back, read EOF again and call readConnectionLost twice (FIN twice).
-            return
-        should_pause = self._window_empty or self.link.paused
-        if should_pause and not self._read_paused:
-            self._read_paused = True
-            self.transport.pauseProducing()
-        elif not should_pause and self._read_paused:
-            self._read_paused = False
-            self.transport.resumeProducing()
-
-    def abort(self) -> None:
-        """The stream is gone (reset, or the link died): drop the local side now."""
-        self.stream_open = False
-        self._early = []
-        if self.transport is not None:
-            self.transport.abortConnection()
 
 
 # IMemoryviewReceiver: the frame decoder copies each payload (relay.wire.tlslayer).
@@ -224,12 +56,18 @@ class MuxLink(Protocol):
         *,
         keepalive_interval_seconds: float = DEFAULT_KEEPALIVE_INTERVAL_SECONDS,
         keepalive_timeout_seconds: float = DEFAULT_KEEPALIVE_TIMEOUT_SECONDS,
+        metrics=NULL_METRICS,
     ):
         self.mux = mux
+        self.metrics = metrics
         self.clock = clock
         self.keepalive_interval_seconds = keepalive_interval_seconds
         self.keepalive_timeout_seconds = keepalive_timeout_seconds
-        self.splices: dict[int, SplicedConnection] = {}
+        self.streams: dict[int, MuxStream] = {}
+        self.streams_by_tunnel: dict[str | None, dict[MuxStream, None]] = {}
+        # Streams that paused their producer (window used up, or we are paused):
+        # the only ones a resume must visit. A dict, for a stable rotation order.
+        self._blocked: dict[MuxStream, None] = {}
         self.paused = False
         self.closed = False
         self.last_received = clock.seconds()
@@ -293,9 +131,12 @@ class MuxLink(Protocol):
         self.closed = True
         self._cancel_timers()
         self._cancel_close_deadline()  # aborting a lost TLS transport raises
-        splices, self.splices = self.splices, {}
-        for splice in splices.values():
-            splice.abort()
+        streams = list(self.streams.values())
+        for stream in streams:
+            stream.link_lost(reason)
+        self.streams = {}
+        self.streams_by_tunnel = {}
+        self._blocked = {}
         self.on_link_lost(reason)
 
     # -- IPushProducer: the link transport's write buffer --------------------
@@ -303,8 +144,8 @@ class MuxLink(Protocol):
     def pauseProducing(self):
         if not self.paused:
             self.paused = True
-            for splice in self.splices.values():
-                splice.update_reading()
+            for stream in self.streams.values():  # pausing a producer ends no stream
+                stream.update_producer()
 
     def resumeProducing(self):
         if self.paused:
@@ -312,12 +153,12 @@ class MuxLink(Protocol):
             # Rotate who goes first: resuming in the same order every time let
             # the first streams refill the buffer and starve the rest (64
             # streams measured a fairness index of 0.02; dilation outbound.py).
-            splices = list(self.splices.values())
-            if splices:
-                first = self._resume_turn % len(splices)
+            blocked = list(self._blocked)
+            if blocked:
+                first = self._resume_turn % len(blocked)
                 self._resume_turn += 1
-                for splice in splices[first:] + splices[:first]:
-                    splice.push()
+                for stream in blocked[first:] + blocked[:first]:
+                    stream.push()
             self.flush_soon()
 
     def stopProducing(self):
@@ -367,19 +208,44 @@ class MuxLink(Protocol):
         if self.transport is not None:
             self.transport.abortConnection()
 
-    def attach_splice(self, splice: SplicedConnection) -> None:
-        self.splices[splice.stream_id] = splice
+    def open_stream(self, metadata: dict, protocol) -> MuxStream:
+        """Open a stream to the peer (OPEN with `metadata`), with `protocol` on it."""
+        stream = MuxStream(self, self.mux.open_stream(metadata), metadata)
+        self._add_stream(stream)
+        stream.start(protocol)
+        self.flush_soon()  # the OPEN, with whatever the protocol wrote at once
+        return stream
 
-    def splice_lost(self, splice: SplicedConnection) -> None:
-        """The local connection closed: reset the stream if it is still open."""
-        if self.splices.get(splice.stream_id) is splice:
-            del self.splices[splice.stream_id]
-        if splice.stream_open and splice.stream_id in self.mux.streams and not self.closed:
-            if self.mux.queued_data_bytes:
-                self.flush()  # DATA corked this turn goes before the RESET (sent ahead of data)
-            self.mux.reset(splice.stream_id, ErrorCode.CANCEL, "connection closed")
-            self.flush_soon()
-        splice.stream_open = False
+    def accept_stream(self, stream_id: int, metadata: dict, protocol) -> MuxStream:
+        """Run `protocol` on a stream the peer opened (from on_stream_opened)."""
+        stream = MuxStream(self, stream_id, metadata)
+        self._add_stream(stream)
+        stream.start(protocol)
+        return stream
+
+    def _add_stream(self, stream: MuxStream) -> None:
+        self.streams[stream.stream_id] = stream
+        group = self.streams_by_tunnel.get(stream.tunnel_id)
+        if group is None:
+            group = self.streams_by_tunnel[stream.tunnel_id] = {}
+        group[stream] = None
+
+    def stream_ended(self, stream: MuxStream) -> None:
+        """A stream of ours is closed (MuxStream calls this once)."""
+        if self.streams.get(stream.stream_id) is stream:
+            del self.streams[stream.stream_id]
+        group = self.streams_by_tunnel.get(stream.tunnel_id)
+        if group is not None:
+            group.pop(stream, None)
+            if not group:
+                del self.streams_by_tunnel[stream.tunnel_id]
+        self._blocked.pop(stream, None)
+
+    def stream_blocked(self, stream: MuxStream) -> None:
+        self._blocked[stream] = None
+
+    def stream_unblocked(self, stream: MuxStream) -> None:
+        self._blocked.pop(stream, None)
 
     # -- keepalive --------------------------------------------------------------
 
@@ -425,28 +291,27 @@ class MuxLink(Protocol):
         self.on_stream_opened(event.stream_id, event.metadata)
 
     def _on_data(self, event: ev.DataReceived):
-        splice = self.splices.get(event.stream_id)
-        if splice is None:
+        stream = self.streams.get(event.stream_id)
+        if stream is None:
             # Raced with our reset: the bytes are dropped, the credit too (stream gone).
             return
-        splice.deliver(event.data)
+        stream.data_received(event.data)
 
     def _on_stream_ended(self, event: ev.StreamEnded):
-        splice = self.splices.get(event.stream_id)
-        if splice is not None:
-            splice.stream_open = event.stream_id in self.mux.streams
-            splice.peer_ended()
+        stream = self.streams.get(event.stream_id)
+        if stream is not None:
+            stream.fin_received()
 
     def _on_stream_reset(self, event: ev.StreamReset):
-        splice = self.splices.pop(event.stream_id, None)
-        if splice is not None:
+        stream = self.streams.get(event.stream_id)
+        if stream is not None:
             self.on_stream_reset(event.stream_id, event.code, event.reason)
-            splice.abort()
+            stream.reset_received(event.code, event.reason)
 
     def _on_window_opened(self, event: ev.WindowOpened):
-        splice = self.splices.get(event.stream_id)
-        if splice is not None:
-            splice.window_opened()
+        stream = self.streams.get(event.stream_id)
+        if stream is not None:
+            stream.window_opened()
 
     def _on_stream_accepted(self, event: ev.StreamAccepted):
         self.on_stream_accepted(event.stream_id)

@@ -1,7 +1,8 @@
 """TLS on stdlib ``ssl`` memory BIOs, for visitors' encrypted tunnels and the agent link.
 
-`TLSLayer` is the protocol of a raw TCP connection and, once the TLS
-handshake completes, the transport of an inner protocol (a `SplicedConnection`
+`TLSLayer` is the protocol of a raw TCP connection (or of a `MuxStream`: the
+agent terminates passthrough TLS on the stream itself) and, once the TLS
+handshake completes, the transport of an inner protocol (a `Splice` side
 for a visitor, a `MuxLink` for the agent link): ciphertext in, plaintext out,
 and back. It is not a TLS library and not a router: on the TLS port the caller
 has already read the ClientHello to route by SNI and hands those bytes over as
@@ -79,7 +80,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from relay.wire.interfaces import ILayeredTransport, IMemoryviewReceiver
+from relay.wire.interfaces import IHalfCloseableTransport, ILayeredTransport, IMemoryviewReceiver
 from relay.wire.tcpio import write_now, write_sequence_now
 
 DEFAULT_HANDSHAKE_TIMEOUT_SECONDS = 10.0
@@ -456,8 +457,10 @@ class TLSLayer(Protocol):
             return
         self._write_done = True
         self._send_close_notify()
-        if ITCPTransport.providedBy(self.transport):
-            self.transport.loseWriteConnection()
+        transport = self.transport
+        # TCP sends its FIN, a MuxStream its mux FIN, both after close_notify.
+        if ITCPTransport.providedBy(transport) or IHalfCloseableTransport.providedBy(transport):
+            transport.loseWriteConnection()
         if self._inner_half_closeable:
             self._inner.writeConnectionLost()
         if self._phase is _Phase.OPEN and self._read_done:

@@ -1,5 +1,11 @@
 """The Twisted adapter (relay/wire/link.py, relay/node/agents.py) over in-memory
-transports and a fake clock: keepalive, credit, backpressure, handshake."""
+transports and a fake clock: keepalive, credit, backpressure, handshake.
+
+A local connection is a StringTransport spliced (relay/wire/splice.py) to a
+stream of the link, as the relay splices a visitor: `side` is its protocol,
+`local.producer` is what the local transport pauses when its buffer fills."""
+
+from typing import NamedTuple
 
 import pytest
 from twisted.internet.task import Clock
@@ -9,7 +15,9 @@ from zope.interface import implementer
 
 from relay.node.agents import AgentLinkFactory
 from relay.wire.interfaces import ITurnEndReactor
-from relay.wire.link import MuxLink, SplicedConnection
+from relay.wire.link import MuxLink
+from relay.wire.splice import Splice
+from relay.wire.stream import MuxStream, StreamState
 from relay.mux import ErrorCode, MuxConnection, Role
 from relay.mux import events as ev
 from relay.mux import frames as fr
@@ -46,13 +54,19 @@ def handshaken_pair(clock, **kwargs):
     return link, transport, peer
 
 
-def open_splice(link):
-    stream_id = link.mux.open_stream({"tunnel": "t"})
-    splice = SplicedConnection(link, stream_id)
-    link.attach_splice(splice)
-    local = StringTransport()
-    splice.makeConnection(local)
-    return splice, local
+class Spliced(NamedTuple):
+    side: object  # the local connection's protocol
+    stream: MuxStream
+
+
+def open_splice(link, local=None):
+    """A local connection spliced to a new stream, as RelayLink.open_visitor_stream does."""
+    splice = Splice()
+    streams = []
+    splice.a.when_connected = lambda: streams.append(link.open_stream({"tunnel": "t"}, splice.b))
+    local = local if local is not None else StringTransport()
+    splice.a.makeConnection(local)
+    return Spliced(splice.a, streams[0]), local
 
 
 def frames_of(data: bytes):
@@ -101,7 +115,7 @@ def test_any_frame_counts_as_liveness():
     transport.clear()
     for _ in range(10):
         clock.advance(9)
-        peer.send(splice.stream_id, b"x")
+        peer.send(splice.stream.stream_id, b"x")
         link.dataReceived(b"".join(peer.outgoing()))
     assert not link.closed
     assert local.value() == b"x" * 10
@@ -114,12 +128,12 @@ def test_credit_waits_for_a_paused_consumer():
     splice, local = open_splice(link)
     peer.receive_data(transport.value())
     transport.clear()
-    splice.pauseProducing()  # the local socket's buffer is full
-    sent = peer.send(splice.stream_id, b"a" * 200_000)
+    local.producer.pauseProducing()  # the local socket's buffer is full
+    sent = peer.send(splice.stream.stream_id, b"a" * 200_000)
     link.dataReceived(b"".join(peer.outgoing()))
     assert sent == 200_000 and len(local.value()) == 200_000
     assert not any(f[0] == fr.FrameType.WINDOW_UPDATE for f in frames_of(transport.value()))
-    splice.resumeProducing()
+    local.producer.resumeProducing()
     updates = [f for f in frames_of(transport.value()) if f[0] == fr.FrameType.WINDOW_UPDATE]
     assert updates, "credit must flow once the consumer drains"
 
@@ -131,14 +145,14 @@ def test_exhausted_window_pauses_the_local_reader():
     splice, local = open_splice(link)
     events = peer.receive_data(transport.value())
     transport.clear()
-    window = link.mux.send_window(splice.stream_id)
-    splice.dataReceived(b"b" * (window + 1000))
+    window = link.mux.send_window(splice.stream.stream_id)
+    splice.side.dataReceived(b"b" * (window + 1000))
     assert local.producerState == "paused"
     events = peer.receive_data(transport.value())
     transport.clear()
     received = sum(len(e.data) for e in events if isinstance(e, ev.DataReceived))
     assert received == window  # the rest waits in the stash, bounded by one read
-    peer.consumed(splice.stream_id, received)
+    peer.consumed(splice.stream.stream_id, received)
     link.dataReceived(b"".join(peer.outgoing()))
     assert local.producerState == "producing"
     events = peer.receive_data(transport.value())
@@ -163,13 +177,13 @@ def test_local_eof_sends_fin_after_stashed_bytes():
     splice, local = open_splice(link)
     peer.receive_data(transport.value())
     transport.clear()
-    window = link.mux.send_window(splice.stream_id)
-    splice.dataReceived(b"c" * (window + 10))
-    splice.readConnectionLost()
+    window = link.mux.send_window(splice.stream.stream_id)
+    splice.side.dataReceived(b"c" * (window + 10))
+    splice.side.readConnectionLost()
     events = peer.receive_data(transport.value())
     transport.clear()
     assert not any(isinstance(e, ev.StreamEnded) for e in events)
-    peer.consumed(splice.stream_id, window)
+    peer.consumed(splice.stream.stream_id, window)
     link.dataReceived(b"".join(peer.outgoing()))
     events = peer.receive_data(transport.value())
     kinds = [type(e) for e in events]
@@ -271,33 +285,32 @@ def test_window_update_and_reset_in_one_read_reset_only_that_stream():
     other, other_local = open_splice(link)
     peer.receive_data(transport.value())
     transport.clear()
-    window = link.mux.send_window(splice.stream_id)
-    splice.dataReceived(b"d" * (window + 100))  # window used up, 100 bytes stashed
+    window = link.mux.send_window(splice.stream.stream_id)
+    splice.side.dataReceived(b"d" * (window + 100))  # window used up, 100 bytes stashed
     received = peer.receive_data(transport.value())
     transport.clear()
-    peer.consumed(splice.stream_id, sum(len(e.data) for e in received if isinstance(e, ev.DataReceived)))
-    peer.reset(splice.stream_id)
+    peer.consumed(splice.stream.stream_id, sum(len(e.data) for e in received if isinstance(e, ev.DataReceived)))
+    peer.reset(splice.stream.stream_id)
     link.dataReceived(b"".join(peer.outgoing()))  # WINDOW_UPDATE, then RESET
     assert not link.closed
-    assert local.disconnecting or not splice.stream_open
-    other.dataReceived(b"still here")
+    assert local.disconnecting or splice.stream.state is StreamState.CLOSED
+    other.side.dataReceived(b"still here")
     events = peer.receive_data(transport.value())
     assert [e.data for e in events if isinstance(e, ev.DataReceived)] == [b"still here"]
 
 
-def test_resume_rotates_which_stream_goes_first():
+def test_resume_rotates_which_stream_goes_first(monkeypatch):
     """Each resume of the link starts with a different stream, so none is starved."""
     clock = Clock()
     link, transport, peer = handshaken_pair(clock)
-    splices = [open_splice(link)[0] for _ in range(3)]
+    streams = [open_splice(link)[0].stream for _ in range(3)]
     order = []
-    for splice in splices:
-        splice.push = (lambda s: lambda: order.append(s.stream_id))(splice)
+    monkeypatch.setattr(MuxStream, "push", lambda s: order.append(s.stream_id))
     for _ in range(3):
         link.pauseProducing()
         link.resumeProducing()
     firsts = [order[i * 3] for i in range(3)]
-    assert sorted(firsts) == sorted(s.stream_id for s in splices)
+    assert sorted(firsts) == sorted(s.stream_id for s in streams)
 
 
 class HalfCloseTransport(StringTransport):
@@ -316,16 +329,14 @@ def test_peer_fin_never_closes_before_our_stashed_bytes_and_fin_are_sent():
     its credit: the socket stays open until the stash and our FIN went out."""
     clock = Clock()
     link, transport, peer = handshaken_pair(clock)
-    stream_id = link.mux.open_stream({"tunnel": "t"})
-    splice = SplicedConnection(link, stream_id)
-    link.attach_splice(splice)
     local = HalfCloseTransport()
-    splice.makeConnection(local)
+    splice, local = open_splice(link, local)
+    stream_id = splice.stream.stream_id
     peer.receive_data(transport.value())
     transport.clear()
     window = link.mux.send_window(stream_id)
-    splice.dataReceived(b"c" * (window + 10))  # 10 bytes wait in the stash
-    splice.readConnectionLost()  # local EOF: our FIN waits for the stash
+    splice.side.dataReceived(b"c" * (window + 10))  # 10 bytes wait in the stash
+    splice.side.readConnectionLost()  # local EOF: our FIN waits for the stash
     got = peer.receive_data(transport.value())
     transport.clear()
     assert sum(len(e.data) for e in got if isinstance(e, ev.DataReceived)) == window
@@ -333,7 +344,7 @@ def test_peer_fin_never_closes_before_our_stashed_bytes_and_fin_are_sent():
     link.dataReceived(b"".join(peer.outgoing()))
     assert not local.disconnecting  # closing now would reset the stream
     assert local.write_closed  # the peer's FIN became our half-close
-    splice.writeConnectionLost()
+    splice.side.writeConnectionLost()
     assert not local.disconnecting
     peer.consumed(stream_id, window)  # credit comes: stash, then FIN, then the close
     link.dataReceived(b"".join(peer.outgoing()))
@@ -349,7 +360,7 @@ def test_goaway_goes_after_data_corked_in_the_same_turn():
     splice, local = open_splice(link)
     peer.receive_data(transport.value())
     transport.clear()
-    splice.dataReceived(b"last words")  # corked until the turn ends
+    splice.side.dataReceived(b"last words")  # corked until the turn ends
     link.close_link(ErrorCode.INTERNAL_ERROR, "shutting down")
     got = peer.receive_data(transport.value())
     kinds = [type(e) for e in got if type(e) in (ev.DataReceived, ev.GoAwayReceived)]
@@ -365,9 +376,47 @@ def test_reset_goes_after_data_corked_in_the_same_turn():
     clock = TurnEndClock()
     link, transport, peer = handshaken_pair(clock)
     splice, local = open_splice(link)
-    splice.dataReceived(b"last bytes")  # corked until the turn ends
-    splice.connectionLost(Failure(ConnectionLost()))
+    splice.side.dataReceived(b"last bytes")  # corked until the turn ends
+    splice.side.connectionLost(Failure(ConnectionLost()))
     clock.end_turn()
     got = peer.receive_data(transport.value())
     kinds = [type(e) for e in got if type(e) in (ev.DataReceived, ev.StreamReset)]
     assert kinds == [ev.DataReceived, ev.StreamReset]
+
+
+def test_close_visitors_resets_only_that_tunnels_streams():
+    """RelayLink keeps its visitors per tunnel: close_visitors(t) resets t's
+    streams and aborts their visitors; stream_count counts per tunnel."""
+    from types import SimpleNamespace
+
+    from twisted.internet.address import IPv4Address
+
+    clock = Clock()
+    link, transport, registry = relay_link(clock)
+    agent = MuxConnection(Role.AGENT)
+    agent.send_hello({"token": TOKEN})
+    link.dataReceived(b"".join(agent.outgoing()))
+    agent.receive_data(transport.value())
+    transport.clear()
+    tunnels = [SimpleNamespace(tunnel_id=name) for name in ("t1", "t2")]
+    endpoint = SimpleNamespace(service="")
+    visitors = {}
+    for tunnel in tunnels:
+        for port in (1, 2):
+            local = StringTransport()
+            protocol = link.open_visitor_stream(
+                tunnel, endpoint, IPv4Address("TCP", "198.51.100.7", port), IPv4Address("TCP", "127.0.0.1", 28000)
+            )
+            protocol.makeConnection(local)
+            visitors.setdefault(tunnel.tunnel_id, []).append(local)
+    opened = [e for e in agent.receive_data(transport.value()) if isinstance(e, ev.StreamOpened)]
+    transport.clear()
+    assert [e.metadata["tunnel"] for e in opened] == ["t1", "t1", "t2", "t2"]
+    assert opened[0].metadata["peer"] == ["198.51.100.7", 1]
+    assert [link.stream_count(t.tunnel_id) for t in tunnels] == [2, 2]
+    link.close_visitors(tunnels[0])
+    resets = [e for e in agent.receive_data(transport.value()) if isinstance(e, ev.StreamReset)]
+    assert sorted(e.stream_id for e in resets) == sorted(e.stream_id for e in opened[:2])
+    assert all(local.disconnecting for local in visitors["t1"])
+    assert not any(local.disconnecting for local in visitors["t2"])
+    assert [link.stream_count(t.tunnel_id) for t in tunnels] == [0, 2]

@@ -11,7 +11,8 @@ import textwrap
 
 from twisted.internet.testing import StringTransport
 
-from relay.wire.link import FLUSH_NOW_BYTES, MuxLink, SplicedConnection
+from relay.wire.link import FLUSH_NOW_BYTES, MuxLink
+from relay.wire.splice import Splice
 from relay.mux import MuxConnection, Role
 from tests.relay.test_link import TurnEndClock
 
@@ -110,11 +111,11 @@ def corked_link():
 def open_splices(link, n):
     splices = []
     for _ in range(n):
-        stream_id = link.mux.open_stream({"tunnel": "t"})
-        splice = SplicedConnection(link, stream_id)
-        link.attach_splice(splice)
-        splice.makeConnection(StringTransport())
-        splices.append(splice)
+        # A local connection spliced to a new stream, as the relay splices a visitor.
+        splice = Splice()
+        splice.a.when_connected = (lambda s: lambda: link.open_stream({"tunnel": "t"}, s.b))(splice)
+        splice.a.makeConnection(StringTransport())
+        splices.append(splice.a)
     return splices
 
 

@@ -4,6 +4,7 @@ driven by an agent-side MuxConnection."""
 
 from twisted.internet import defer
 from twisted.internet.address import IPv4Address
+from twisted.internet.testing import StringTransport
 from twisted.logger import capturedLogs
 
 from relay.mux import ErrorCode
@@ -173,8 +174,9 @@ def test_a_visitor_opens_a_stream_with_its_addresses_and_the_allowlist_refuses_o
     factory = node.listener(port)
     assert factory.buildProtocol(IPv4Address("TCP", "198.51.100.1", 4000)) is None
     assert node.metrics.tunnel(tunnel_id)["denied_total"] == 1
-    splice = factory.buildProtocol(VISITOR)
-    assert splice is not None
+    visitor = factory.buildProtocol(VISITOR)
+    assert visitor is not None
+    visitor.makeConnection(StringTransport(peerAddress=VISITOR))  # the stream opens once connected
     [opened] = [e for e in agent.pump() if isinstance(e, ev.StreamOpened)]
     assert opened.metadata == {
         "tunnel": tunnel_id, "service": "", "peer": ["203.0.113.7", 51234], "local": ["0.0.0.0", port],
