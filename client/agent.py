@@ -18,6 +18,7 @@ import ssl
 from twisted.application.internet import ClientService
 from twisted.internet import defer
 from twisted.internet.endpoints import HostnameEndpoint
+from twisted.internet.error import NotConnectingError
 from twisted.internet.protocol import ClientFactory, Factory
 from twisted.logger import Logger
 
@@ -187,11 +188,11 @@ class AgentLink(MuxLink):
             splice.a.preamble = proxy_header(service.proxy_protocol, metadata.get("peer"), metadata.get("local"))
         splice.b.when_connected = _ServiceDial(self, stream_id, tunnel, service, splice.a).start
         if context is None:
-            self.accept_stream(stream_id, metadata, splice.b)
+            self.serve_stream(stream_id, metadata, splice.b)
         else:
             # TLS straight on the stream: no loopback listener, no extra hop.
             layer = TLSLayer(context, splice.b, self.clock, on_handshake_failed=self._visitor_tls_failed)
-            self.accept_stream(stream_id, metadata, layer)
+            self.serve_stream(stream_id, metadata, layer)
 
     def _visitor_tls_failed(self, reason: str) -> None:
         self._log.debug("visitor TLS handshake failed: {reason}", reason=reason)
@@ -236,21 +237,42 @@ class _ServiceDial(ClientFactory):
         self.tunnel = tunnel
         self.service = service
         self.side = side
+        self._pending = None  # the connector, or the endpoint's Deferred, while dialling
+        self._cancelled = False
 
     def start(self) -> None:
         agent = self.link.agent
+        # A RESET (the visitor left, the relay's open deadline) while we dial
+        # cancels the dial: 4,583 visitors that connected and reset used to
+        # cost as many connections to the service.
+        self.side.cancel_connect = self.cancel
         address = agent.known_address(self.service)
         if address is not None:
             host, port = address
-            agent.reactor.connectTCP(host, port, self, timeout=SERVICE_CONNECT_TIMEOUT_SECONDS)
+            self._pending = agent.reactor.connectTCP(host, port, self, timeout=SERVICE_CONNECT_TIMEOUT_SECONDS)
             return
-        d = agent.service_endpoint(self.service).connect(self)
+        d = self._pending = agent.service_endpoint(self.service).connect(self)
         d.addCallbacks(self._connected, self._failed)
         d.addErrback(lambda f: self._log.failure("splice setup failed", f))
 
+    def cancel(self) -> None:
+        pending, self._pending = self._pending, None
+        if pending is None:
+            return
+        self._cancelled = True
+        if isinstance(pending, defer.Deferred):
+            pending.cancel()
+            return
+        try:
+            pending.stopConnecting()  # clientConnectionFailed follows, quietly
+        except NotConnectingError:
+            pass  # connected in the same turn: the splice aborts it
+
     def buildProtocol(self, addr):
+        self._pending = None
         stream = self.link.streams.get(self.stream_id)  # gone if it ended while we connected
         if stream is not None:
+            stream.accept()  # ACCEPT: the relay counts the open as done
             stream.report_opened()
         return self.side
 
@@ -261,6 +283,9 @@ class _ServiceDial(ClientFactory):
         self.link.agent.remember_address(self.service, protocol.transport.getPeer())
 
     def _failed(self, failure) -> None:
+        self._pending = None
+        if self._cancelled:
+            return  # we gave up on purpose: the stream is gone already
         self.link.agent.forget_address(self.service)
         self._log.warn(
             "cannot reach {target} for a visitor of {url}: {error}",

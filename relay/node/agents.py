@@ -10,7 +10,7 @@ the logs instead.
 
 import secrets
 
-from twisted.internet.protocol import ServerFactory
+from twisted.internet.protocol import Protocol, ServerFactory
 from twisted.logger import Logger
 
 from relay.mux import ErrorCode, MuxConnection, Role
@@ -24,6 +24,12 @@ from relay.wire.tlslayer import TLSLayer, TLSLayerFactory
 
 DEFAULT_HANDSHAKE_TIMEOUT_SECONDS = 10.0
 BUSY_LOG_SECONDS = 10.0  # at most one "too many logins" line this often
+# A visitor whose stream the agent has not accepted (service connected) in
+# this long is closed: frp and bore use 10 s too.
+DEFAULT_OPEN_TIMEOUT_SECONDS = 10.0
+# Opens in flight per link before new visitors are refused at once (yamux's
+# accept backlog is 256).
+DEFAULT_MAX_OPENS_IN_FLIGHT = 256
 RELAY_AGENT_NAME = "tunnel-relay/0.1"
 
 
@@ -44,6 +50,9 @@ class RelayLink(MuxLink):
         self.authenticated = False
         self.graceful = False  # the agent said GOAWAY(NO_ERROR): free its tunnels now
         self._handshake_call = None
+        self._open_deadlines: dict[int, float] = {}  # stream id -> when its open times out
+        self._open_timer = None
+        self._refusal_logged_at = None
         self.source = source  # the peer's address, for the login guard
         self.accepted_at = self.clock.seconds()  # TCP accept: TLS and HELLO share one deadline
         self._login_pending = True  # counted by the login guard until it ends
@@ -158,16 +167,73 @@ class RelayLink(MuxLink):
         }
         if sni is not None:
             metadata["sni"] = sni
+        if self.mux.opens_in_flight >= self.factory.max_opens_in_flight:
+            # yamux's backlog: the agent is not answering OPENs; more visitors
+            # would only wait for the deadline. A RST now, one line per burst.
+            self.metrics.visitor_refused(tunnel.tunnel_id, "opens_in_flight")
+            self._log_refusal_burst(tunnel.tunnel_id)
+            return _Refused()
         splice = Splice()
 
         def open_stream():
             if self.closed:
                 splice.a.transport.abortConnection()  # the link died since buildProtocol
                 return
-            self.open_stream(metadata, splice.b).report_opened()
+            stream = self.open_stream(metadata, splice.b)
+            self._open_deadlines[stream.stream_id] = self.clock.seconds() + self.factory.open_timeout_seconds
+            if self._open_timer is None:
+                self._open_timer = self.clock.callLater(self.factory.open_timeout_seconds, self._opens_overdue)
 
         splice.a.when_connected = open_stream
         return splice.a
+
+    def on_stream_accepted(self, stream_id: int) -> None:
+        self._open_deadlines.pop(stream_id, None)
+        stream = self.streams.get(stream_id)
+        if stream is not None:
+            stream.report_opened()  # open latency: visitor accepted to service connected
+
+    def stream_ended(self, stream) -> None:
+        super().stream_ended(stream)
+        self._open_deadlines.pop(stream.stream_id, None)
+
+    def _opens_overdue(self) -> None:
+        """Reset the streams the agent has not accepted within the deadline
+        (their visitors are closed); wait for the next deadline."""
+        self._open_timer = None
+        if self.closed:
+            return
+        now = self.clock.seconds()
+        deadlines = self._open_deadlines
+        overdue = []
+        for stream_id, deadline in deadlines.items():  # in open order, so deadline order
+            if deadline > now:
+                break
+            overdue.append(stream_id)
+        for stream_id in overdue:
+            deadlines.pop(stream_id, None)
+            stream = self.streams.get(stream_id)
+            if stream is not None:
+                self.metrics.visitor_refused(stream.tunnel_id, "open_timeout")
+                stream.reset(ErrorCode.CANCEL, "open not accepted in time")
+        if overdue:
+            self._log.info(
+                "agent {agent}: {count} visitor(s) closed: the agent did not accept their streams within {seconds:g}s",
+                agent=self.session_id, count=len(overdue), seconds=self.factory.open_timeout_seconds,
+            )
+            self.flush_soon()
+        if deadlines:
+            first = next(iter(deadlines.values()))
+            self._open_timer = self.clock.callLater(max(first - now, 0.0), self._opens_overdue)
+
+    def _log_refusal_burst(self, tunnel_id: str) -> None:
+        now = self.clock.seconds()
+        if self._refusal_logged_at is None or now - self._refusal_logged_at >= BUSY_LOG_SECONDS:
+            self._refusal_logged_at = now
+            self._log.warn(
+                "agent {agent}: {count} opens unanswered: refusing new visitors of tunnel {tunnel} for now",
+                agent=self.session_id, count=self.mux.opens_in_flight, tunnel=tunnel_id,
+            )
 
     def close_visitors(self, tunnel) -> None:
         for stream in list(self.streams_by_tunnel.get(tunnel.tunnel_id, ())):
@@ -196,12 +262,22 @@ class RelayLink(MuxLink):
 
     def on_link_lost(self, reason):
         self.login_ended()
+        if self._open_timer is not None and self._open_timer.active():
+            self._open_timer.cancel()
+        self._open_timer = None
         if self._handshake_call is not None and self._handshake_call.active():
             self._handshake_call.cancel()
         if self.authenticated:
             self._log.info("agent {agent} link closed", agent=self.session_id)
             self.metrics.link_down(self.session_id, "goaway" if self.graceful else "lost")
             self.tunnels.link_lost(self, graceful=self.graceful)
+
+
+class _Refused(Protocol):
+    """A visitor refused after accept: reset at once (RST), nothing read."""
+
+    def connectionMade(self):
+        self.transport.abortConnection()
 
 
 class AgentLinkFactory(ServerFactory):
@@ -222,7 +298,11 @@ class AgentLinkFactory(ServerFactory):
         keepalive_interval_seconds: float,
         keepalive_timeout_seconds: float,
         login_guard: LoginGuard | None = None,
+        open_timeout_seconds: float = DEFAULT_OPEN_TIMEOUT_SECONDS,
+        max_opens_in_flight: int = DEFAULT_MAX_OPENS_IN_FLIGHT,
     ):
+        self.open_timeout_seconds = open_timeout_seconds
+        self.max_opens_in_flight = max_opens_in_flight
         self.reactor = reactor
         self.login_guard = login_guard if login_guard is not None else LoginGuard(reactor)
         self._busy_logged_at = None

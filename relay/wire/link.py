@@ -216,8 +216,9 @@ class MuxLink(Protocol):
         self.flush_soon()  # the OPEN, with whatever the protocol wrote at once
         return stream
 
-    def accept_stream(self, stream_id: int, metadata: dict, protocol) -> MuxStream:
-        """Run `protocol` on a stream the peer opened (from on_stream_opened)."""
+    def serve_stream(self, stream_id: int, metadata: dict, protocol) -> MuxStream:
+        """Run `protocol` on a stream the peer opened (from on_stream_opened).
+        The peer hears ACCEPT only once `stream.accept()` is called."""
         stream = MuxStream(self, stream_id, metadata)
         self._add_stream(stream)
         stream.start(protocol)

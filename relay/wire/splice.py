@@ -61,7 +61,7 @@ class _SpliceSide:
     __slots__ = (
         "splice", "other", "preamble", "when_connected", "transport", "connected", "_peer",
         "_peer_is_socket", "_early", "read_ended", "eof_passed", "write_ended", "lost", "paused",
-        "_waiting",
+        "_waiting", "cancel_connect",
     )
 
     def __init__(self, splice: "Splice"):
@@ -85,6 +85,9 @@ class _SpliceSide:
         self.lost = False
         self.paused = False  # the other transport's consumer paused us
         self._waiting = False  # we paused our transport until the other side connects
+        # Set while this side's transport is being dialled: called if the other
+        # side is lost first, so the dial stops instead of connecting for nobody.
+        self.cancel_connect = None
 
     # -- Twisted calls these -----------------------------------------------------
 
@@ -97,6 +100,7 @@ class _SpliceSide:
         self.connectionMade()
 
     def connectionMade(self):
+        self.cancel_connect = None
         transport = self.transport
         if not isinstance(transport, MuxStream):
             set_socket_options(transport, keepalive=True)
@@ -227,8 +231,13 @@ class Splice:
 
     def _side_lost(self, side: _SpliceSide) -> None:
         other = side.other
-        if other.lost or other.transport is None:
-            return  # the other side, when it connects, sees `side.lost`
+        if other.transport is None and not other.lost:
+            cancel, other.cancel_connect = other.cancel_connect, None
+            if cancel is not None:
+                cancel()  # nobody is left to splice it to
+            return  # if it still connects, it sees `side.lost` and aborts
+        if other.lost:
+            return
         if not self.joined:
             other.transport.abortConnection()
             return

@@ -171,6 +171,11 @@ class MuxStream:
         self._half_closeable = IHalfCloseableProtocol.providedBy(protocol)
         protocol.makeConnection(self)
 
+    def accept(self) -> None:
+        """Tell the opener we reached what its OPEN asked for (ACCEPT)."""
+        self._mux.accept_stream(self.stream_id)
+        self.link.flush_soon()
+
     def report_opened(self) -> None:
         """Tell the metrics observer the stream reached its other end (once).
         Only a stream reported open is reported closed, so gauges balance."""

@@ -14,6 +14,7 @@ import pytest
 from twisted.internet.address import IPv4Address
 from twisted.internet.error import ConnectionDone, ConnectionLost, ConnectionRefusedError
 from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.logger import capturedLogs
 from twisted.python.failure import Failure
 
 import client.agent
@@ -711,3 +712,36 @@ def test_a_relay_of_another_protocol_version_stops_the_agent():
     error = failure_of(agent.done)
     assert error is not None and error.check(RelayVersionError)
     assert error.value.exit_code == 8 and "version 1" in str(error.value)
+
+
+def _stream_to_service(port: int = 8000):
+    """A live agent whose service address is known, and a visitor stream the relay opened: (agent, relay, stream id)."""
+    agent, tunnel, relay, _ = live_agent()
+    agent.remember_address(tunnel.spec.services[0], IPv4Address("TCP", "127.0.0.1", port))
+    stream_id = relay.mux.open_stream({"tunnel": "tunnel1", "service": "", "peer": ["203.0.113.7", 1], "local": ["127.0.0.1", 20001]})
+    relay.deliver()
+    return agent, relay, stream_id
+
+
+def test_the_agent_accepts_a_stream_once_its_service_connection_is_up():
+    """ACCEPT goes to the relay only when the service's TCP connection is made, not at OPEN."""
+    agent, relay, stream_id = _stream_to_service()
+    assert not [e for e in relay.read() if isinstance(e, ev.StreamAccepted)]
+    host, port, factory, *_ = agent.reactor.tcpClients[-1]
+    assert (host, port) == ("127.0.0.1", 8000)
+    protocol = factory.buildProtocol(IPv4Address("TCP", host, port))
+    protocol.makeConnection(StringTransport())
+    agent.reactor.advance(0)
+    assert [e.stream_id for e in relay.read() if isinstance(e, ev.StreamAccepted)] == [stream_id]
+    assert relay.mux.opens_in_flight == 0
+
+
+def test_a_reset_while_the_agent_dials_cancels_the_dial():
+    """The relay's RESET before the service answered stops the connection attempt; nothing is accepted or logged as a failure."""
+    agent, relay, stream_id = _stream_to_service()
+    connector = agent.reactor.connectors[-1]
+    relay.mux.reset(stream_id)
+    with capturedLogs() as logs:
+        relay.deliver()
+    assert connector.stoppedConnecting
+    assert not [e for e in logs if "cannot reach" in str(e.get("log_format"))]

@@ -238,12 +238,16 @@ def test_tls_port_refusals_map_to_their_named_keys():
 
 
 def test_visitors_follow_stream_opened_and_closed():
-    """A tunnel's visitors and the node's streams_active count open streams; streams_total only grows."""
+    """A tunnel's visitors and the node's streams_active count accepted streams; streams_total only grows."""
     node = Node()
     agent, link = node.agent()
     port = agent.open_tunnel()["tunnel"]["port"]
     visitors = [visit(node, port) for _ in range(3)]
-    agent.pump()  # the agent hears the three OPENs
+    opened = [e for e in agent.pump() if isinstance(e, ev.StreamOpened)]  # the agent hears the three OPENs
+    assert node.tunnel_list()[0]["visitors"] == 0  # not yet reached the service
+    for event in opened:
+        agent.mux.accept_stream(event.stream_id)  # the agent's service answered
+    agent.pump()
     (listed,) = node.tunnel_list()
     assert (listed["visitors"], listed["streams_total"]) == (3, 3)
     assert (node.health()["streams_active"], node.health()["streams_total"]) == (3, 3)
@@ -261,6 +265,10 @@ def test_refused_visitors_count_per_tunnel_and_per_reason():
     port = agent.open_tunnel(allow=["192.0.2.0/24"])["tunnel"]["port"]
     assert visit(node, port, IPv4Address("TCP", "198.51.100.9", 1234)) is None  # not allowed
     assert visit(node, port, IPv4Address("TCP", "192.0.2.9", 1234)) is not None  # allowed
+    for event in agent.pump():
+        if isinstance(event, ev.StreamOpened):
+            agent.mux.accept_stream(event.stream_id)  # its service answered
+    agent.pump()
     link.connectionLost(Failure(ConnectionLost()))  # grace: the port stays bound
     assert visit(node, port, IPv4Address("TCP", "192.0.2.10", 1234)) is None  # agent away
     (listed,) = node.tunnel_list()

@@ -181,8 +181,11 @@ def test_a_visitor_opens_a_stream_with_its_addresses_and_the_allowlist_refuses_o
     assert opened.metadata == {
         "tunnel": tunnel_id, "service": "", "peer": ["203.0.113.7", 51234], "local": ["0.0.0.0", port],
     }  # local: the listening port's own address (the memory reactor's is 0.0.0.0)
-    assert node.metrics.tunnel(tunnel_id)["streams_active"] == 1
     assert agent.link.stream_count(tunnel_id) == 1
+    assert node.metrics.tunnel(tunnel_id)["streams_active"] == 0  # counted once the agent accepts
+    agent.mux.accept_stream(opened.stream_id)
+    agent.pump()
+    assert node.metrics.tunnel(tunnel_id)["streams_active"] == 1
 
 
 class SlowDirectory(MemoryDirectory):
@@ -251,3 +254,51 @@ def test_out_of_file_descriptors_is_reported_as_such_not_as_no_free_port(monkeyp
     assert reply.error.code is RequestErrorCode.RELAY_OVERLOADED
     assert "file descriptors" in str(reply.error)
     assert node.allocator.in_use == set() and node.allocator.quarantined() == 0
+
+
+def _visitors(node, port, count):
+    transports = []
+    for i in range(count):
+        visitor = node.listener(port).buildProtocol(IPv4Address("TCP", "203.0.113.7", 40000 + i))
+        transport = StringTransport(peerAddress=VISITOR)
+        visitor.makeConnection(transport)
+        transports.append(transport)
+    return transports
+
+
+def test_an_open_the_agent_never_accepts_is_reset_and_its_visitor_closed_at_the_deadline():
+    """A stream the agent neither accepts nor refuses is reset after open_timeout_seconds and its visitor closed; an accepted one stays."""
+    node = Node()
+    node.factory.open_timeout_seconds = 10
+    agent = node.agent()
+    port = agent.open().body["tunnel"]["port"]
+    slow, quick = _visitors(node, port, 2)
+    opened = [e for e in agent.pump() if isinstance(e, ev.StreamOpened)]
+    agent.mux.accept_stream(opened[1].stream_id)
+    agent.pump()
+    node.reactor.advance(9.9)
+    assert not slow.disconnecting
+    node.reactor.advance(0.2)
+    resets = [e for e in agent.pump() if isinstance(e, ev.StreamReset)]
+    assert [r.stream_id for r in resets] == [opened[0].stream_id]
+    assert slow.disconnecting or slow.disconnected
+    assert not quick.disconnecting
+    assert node.metrics.refused_by_reason["open_timeout"] == 1
+    assert agent.link.mux.opens_in_flight == 0
+
+
+def test_opens_in_flight_are_capped_per_link_with_a_reset_for_the_excess():
+    """Past max_opens_in_flight unanswered OPENs, a new visitor is reset at once; an ACCEPT makes room."""
+    node = Node()
+    node.factory.max_opens_in_flight = 3
+    agent = node.agent()
+    port = agent.open().body["tunnel"]["port"]
+    _visitors(node, port, 3)
+    opened = [e for e in agent.pump() if isinstance(e, ev.StreamOpened)]
+    (refused,) = _visitors(node, port, 1)
+    assert refused.disconnecting and not [e for e in agent.pump() if isinstance(e, ev.StreamOpened)]
+    assert node.metrics.refused_by_reason["opens_in_flight"] == 1
+    agent.mux.accept_stream(opened[0].stream_id)
+    agent.pump()
+    (admitted,) = _visitors(node, port, 1)
+    assert not admitted.disconnecting
