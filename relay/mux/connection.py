@@ -136,6 +136,10 @@ class MuxConnection:
         self.streams: dict[int, _Stream] = {}
         self._decoder = fr.FrameDecoder(fr.MAX_HELLO_PAYLOAD, stop_after=fr.STOP_AFTER)
         self._control: list[bytes] = []  # goes out ahead of data
+        # Control bytes ever queued: the adapter compares it over time to see
+        # how many replies (PONG, WINDOW_UPDATE, RESET, CONTROL) a peer that
+        # does not read makes us owe.
+        self.control_bytes_total = 0
         self._data: list[bytes] = []
         self.queued_data_bytes = 0  # DATA payload bytes queued since the last outgoing()
         self._next_stream_id = 2 if role is Role.RELAY else 1
@@ -165,7 +169,7 @@ class MuxConnection:
         if self.role is Role.RELAY and self.peer_hello is None:
             raise MuxUsageError("the relay answers HELLO; it never sends first")
         body = dict(info, version=fr.PROTOCOL_VERSION, initial_window=self.initial_window)
-        self._control.append(fr.encode_json(FrameType.HELLO, 0, body))
+        self._queue_control(fr.encode_json(FrameType.HELLO, 0, body))
         if self.role is Role.AGENT:
             self.state = LinkState.HELLO_SENT
         else:
@@ -180,13 +184,13 @@ class MuxConnection:
         if self.state is LinkState.CLOSED:
             return
         self.state = LinkState.CLOSED
-        self._control.append(fr.encode_coded(FrameType.GOAWAY, 0, code, message))
+        self._queue_control(fr.encode_coded(FrameType.GOAWAY, 0, code, message))
 
     # -- commands -----------------------------------------------------------
 
     def send_control(self, message: dict) -> None:
         self._require_open()
-        self._control.append(fr.encode_json(FrameType.CONTROL, 0, message))
+        self._queue_control(fr.encode_json(FrameType.CONTROL, 0, message))
 
     def open_stream(self, metadata: dict) -> int:
         self._require_open()
@@ -199,7 +203,7 @@ class MuxConnection:
             self.peer_initial_window,
             ReceiveWindow(self.initial_window, self.max_window),
         )
-        self._control.append(fr.encode_json(FrameType.OPEN, stream_id, metadata))
+        self._queue_control(fr.encode_json(FrameType.OPEN, stream_id, metadata))
         self.opens_in_flight += 1
         return stream_id
 
@@ -215,7 +219,7 @@ class MuxConnection:
         if stream.accepted:
             raise MuxUsageError(f"stream {stream_id} already accepted")
         stream.accepted = True
-        self._control.append(fr.encode(FrameType.ACCEPT, stream_id))
+        self._queue_control(fr.encode(FrameType.ACCEPT, stream_id))
 
     def is_accepted(self, stream_id: int) -> bool:
         stream = self.streams.get(stream_id)
@@ -261,7 +265,7 @@ class MuxConnection:
         if stream is None:
             return
         stream.transition(StreamInput.SEND_RESET)
-        self._control.append(fr.encode_coded(FrameType.RESET, stream_id, code, reason))
+        self._queue_control(fr.encode_coded(FrameType.RESET, stream_id, code, reason))
         self._forget_if_closed(stream)
 
     def consumed(self, stream_id: int, n: int) -> None:
@@ -273,13 +277,13 @@ class MuxConnection:
             raise MuxUsageError(f"stream {stream_id}: consumed {n} bytes, only {stream.recv.pending} received")
         grant = stream.recv.consumed(n, self.budget)
         if grant and stream.state in (StreamState.OPEN, StreamState.HALF_CLOSED_LOCAL):
-            self._control.append(fr.encode_window_update(stream_id, grant))
+            self._queue_control(fr.encode_window_update(stream_id, grant))
 
     def ping(self, opaque: bytes) -> None:
         self._require_open()  # the peer refuses PING before the handshake
         if len(opaque) != fr.PING_SIZE:
             raise MuxUsageError("PING payload must be 8 bytes")
-        self._control.append(fr.encode(FrameType.PING, 0, opaque))
+        self._queue_control(fr.encode(FrameType.PING, 0, opaque))
 
     def outgoing(self) -> list[bytes]:
         """Take the queued bytes: control frames first, then data in order."""
@@ -322,6 +326,10 @@ class MuxConnection:
         except MuxProtocolError as e:
             self.close(e.code, str(e))
             raise
+
+    def _queue_control(self, frame: bytes) -> None:
+        self._control.append(frame)
+        self.control_bytes_total += len(frame)
 
     def _require_open(self) -> None:
         if self.state is not LinkState.OPEN:
@@ -472,7 +480,7 @@ class MuxConnection:
             raise MuxProtocolError("PING before the link is open")
         if stream_id != 0 or len(payload) != fr.PING_SIZE:
             raise MuxProtocolError("PING must be 8 bytes on stream 0")
-        self._control.append(fr.encode(FrameType.PONG, 0, payload))
+        self._queue_control(fr.encode(FrameType.PONG, 0, payload))
         return None
 
     def _on_pong(self, stream_id: int, payload: bytes):

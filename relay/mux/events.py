@@ -75,6 +75,7 @@ Event = (
     HelloReceived
     | ControlReceived
     | StreamOpened
+    | StreamAccepted
     | DataReceived
     | StreamEnded
     | StreamReset

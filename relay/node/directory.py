@@ -92,6 +92,9 @@ class Tunnel:
     # The live links serving it, oldest first; empty while it waits in grace.
     links: list = field(default_factory=list)
     detached_at: float | None = None
+    # The new-stream token bucket (TunnelManager.admit): tokens, and when counted.
+    stream_tokens: float = -1.0
+    stream_tokens_at: float = 0.0
 
     def allows(self, host: str) -> bool:
         if not self.allow:

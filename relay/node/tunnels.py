@@ -208,7 +208,35 @@ class TunnelManager:
             self.metrics.visitor_refused(tunnel.tunnel_id, "not_allowed")
             self._log.debug("visitor {host} denied on tunnel {tunnel}", host=host, tunnel=tunnel.tunnel_id)
             return None
+        limits = self.limits
+        if link.stream_count(tunnel.tunnel_id) >= limits.max_streams_per_tunnel:
+            self.metrics.visitor_refused(tunnel.tunnel_id, "streams_per_tunnel")
+            return None
+        if len(link.streams) >= limits.max_streams_per_link:
+            self.metrics.visitor_refused(tunnel.tunnel_id, "streams_per_link")
+            return None
+        if not self._take_stream_token(tunnel):
+            self.metrics.visitor_refused(tunnel.tunnel_id, "new_streams_rate")
+            return None
         return link
+
+    def _take_stream_token(self, tunnel: Tunnel) -> bool:
+        """The tunnel's new-stream token bucket: refill by elapsed time, take one."""
+        limits = self.limits
+        now = self.reactor.seconds()
+        if tunnel.stream_tokens < 0:  # a new tunnel starts with a full bucket
+            tokens = float(limits.new_streams_burst)
+        else:
+            tokens = min(
+                float(limits.new_streams_burst),
+                tunnel.stream_tokens + (now - tunnel.stream_tokens_at) * limits.new_streams_per_second,
+            )
+        tunnel.stream_tokens_at = now
+        if tokens < 1.0:
+            tunnel.stream_tokens = tokens
+            return False
+        tunnel.stream_tokens = tokens - 1.0
+        return True
 
     def visitor_protocol(self, tunnel: Tunnel, endpoint: Endpoint, addr, local, sni: str | None = None):
         """A stream for a new visitor, or None to close it at once."""

@@ -39,6 +39,17 @@ CLOSE_DEADLINE_SECONDS = 5.0
 # streams queued 4 MiB, and joining, encrypting and sending it all at the end
 # of the turn, out of cache, cost the agent 1.7x the CPU per GB of one stream.
 FLUSH_NOW_BYTES = 256 * 1024
+# While the link transport is full, the control frames we queue are replies
+# the peer made us owe (PONG, WINDOW_UPDATE, RESET, control replies): past
+# this many bytes of them we stop reading the peer until the transport drains
+# (grpc-go stops reading on too many queued control frames; nghttp2 caps
+# outstanding ACKs). A peer pinging without reading grew the relay by 22 MB/s.
+# DATA is not counted: windows bound it, and a bidirectional bulk transfer
+# that paused reading on a full buffer could deadlock both ends.
+MAX_OWED_CONTROL_BYTES = 64 * 1024
+# A link whose transport has not drained for this long is aborted, whatever
+# PINGs say (yamux's ConnectionWriteTimeout): a peer that stopped reading.
+DEFAULT_WRITE_STALL_SECONDS = 30.0
 
 
 # IMemoryviewReceiver: the frame decoder copies each payload (relay.wire.tlslayer).
@@ -57,7 +68,12 @@ class MuxLink(Protocol):
         keepalive_interval_seconds: float = DEFAULT_KEEPALIVE_INTERVAL_SECONDS,
         keepalive_timeout_seconds: float = DEFAULT_KEEPALIVE_TIMEOUT_SECONDS,
         metrics=NULL_METRICS,
+        write_stall_seconds: float = DEFAULT_WRITE_STALL_SECONDS,
     ):
+        self.write_stall_seconds = write_stall_seconds
+        self._stall_call = None  # runs out if the transport stays full
+        self._control_mark = 0  # mux.control_bytes_total when the transport filled
+        self.reading_paused = False  # we stopped reading the peer: it owes us reads
         self.mux = mux
         self.metrics = metrics
         self.clock = clock
@@ -124,6 +140,23 @@ class MuxLink(Protocol):
             self._log.warn("closing link {peer}: {error}", peer=self.peer, error=e)
             self.close_link(e.code, str(e))
             return
+        except Exception as e:
+            # Whatever a peer's bytes made go wrong is one typed reset of its
+            # link and one line, never an "Unhandled Error" traceback.
+            self._log.error(
+                "closing link {peer}: {kind} while handling its frames: {error}",
+                peer=self.peer, kind=type(e).__name__, error=str(e)[:200],
+            )
+            self.close_link(ErrorCode.INTERNAL_ERROR, "internal error")
+            return
+        if self.paused and not self.reading_paused and (
+            self.mux.control_bytes_total - self._control_mark > MAX_OWED_CONTROL_BYTES
+        ):
+            self.reading_paused = True
+            self.transport.pauseProducing()  # until our transport drains
+            self._log.info(
+                "link {peer} does not read what it asks for: reading it paused", peer=self.peer
+            )
         if self.mux.has_outgoing():  # most reads only deliver: nothing to send
             self.flush_soon()
 
@@ -144,12 +177,20 @@ class MuxLink(Protocol):
     def pauseProducing(self):
         if not self.paused:
             self.paused = True
+            self._control_mark = self.mux.control_bytes_total
+            if self._stall_call is None and not self.closed:
+                self._stall_call = self.clock.callLater(self.write_stall_seconds, self._write_stalled)
+            self.metrics.flow_stalled(getattr(self, "session_id", self.peer))
             for stream in self.streams.values():  # pausing a producer ends no stream
                 stream.update_producer()
 
     def resumeProducing(self):
         if self.paused:
             self.paused = False
+            self._cancel_stall()
+            if self.reading_paused:
+                self.reading_paused = False
+                self.transport.resumeProducing()
             # Rotate who goes first: resuming in the same order every time let
             # the first streams refill the buffer and starve the rest (64
             # streams measured a fairness index of 0.02; dilation outbound.py).
@@ -163,6 +204,22 @@ class MuxLink(Protocol):
 
     def stopProducing(self):
         self.paused = True
+
+    def _write_stalled(self) -> None:
+        self._stall_call = None
+        if self.closed:
+            return
+        self._log.warn(
+            "link {peer}: nothing written for {seconds:g}s (the peer stopped reading): aborting it",
+            peer=self.peer, seconds=self.write_stall_seconds,
+        )
+        self.close_link(ErrorCode.ENHANCE_YOUR_CALM, "write stalled")
+        self.abort_link()  # it will not read our GOAWAY or close_notify either
+
+    def _cancel_stall(self) -> None:
+        if self._stall_call is not None and self._stall_call.active():
+            self._stall_call.cancel()
+        self._stall_call = None
 
     # -- commands -------------------------------------------------------------
 
@@ -276,6 +333,7 @@ class MuxLink(Protocol):
         self._close_deadline = None
 
     def _cancel_timers(self) -> None:
+        self._cancel_stall()
         if self._keepalive_call is not None and self._keepalive_call.active():
             self._keepalive_call.cancel()
         self._keepalive_call = None

@@ -106,3 +106,38 @@ def test_a_client_ca_is_parsed_once_however_often_it_is_sent(ca_pem, monkeypatch
     with pytest.raises(control.TunnelRequestError):
         control.parse_request({"id": 9, "op": "open_tunnel", "client_ca": "-----BEGIN CERTIFICATE-----\nAAAA\n"})
     assert len(calls) == 2  # a bad one is remembered too
+
+
+def _visit(node, port, count):
+    from twisted.internet.address import IPv4Address
+    from twisted.internet.testing import StringTransport
+
+    out = []
+    for i in range(count):
+        addr = IPv4Address("TCP", "203.0.113.7", 40000 + i)
+        protocol = node.listener(port).buildProtocol(addr)
+        if protocol is not None:
+            protocol.makeConnection(StringTransport(peerAddress=addr))
+        out.append(protocol)
+    return out
+
+
+def test_concurrent_streams_per_tunnel_are_capped():
+    """Past max_streams_per_tunnel live streams a new visitor is refused and counted; other tunnels still serve."""
+    node = Node(limits=SessionLimits(max_streams_per_tunnel=2))
+    agent = node.agent()
+    first, second = (agent.open().body["tunnel"]["port"] for _ in range(2))
+    assert [p is not None for p in _visit(node, first, 3)] == [True, True, False]
+    assert node.metrics.refused_by_reason["streams_per_tunnel"] == 1
+    assert all(p is not None for p in _visit(node, second, 2))
+
+
+def test_new_streams_per_second_are_a_token_bucket():
+    """A burst beyond new_streams_burst is refused; the bucket refills at new_streams_per_second."""
+    node = Node(limits=SessionLimits(new_streams_per_second=10, new_streams_burst=5))
+    agent = node.agent()
+    port = agent.open().body["tunnel"]["port"]
+    assert sum(p is not None for p in _visit(node, port, 8)) == 5
+    assert node.metrics.refused_by_reason["new_streams_rate"] == 3
+    node.reactor.advance(0.3)  # three more tokens
+    assert sum(p is not None for p in _visit(node, port, 5)) == 3
