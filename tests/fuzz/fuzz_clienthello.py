@@ -1,3 +1,4 @@
+#!/usr/bin/env python3
 """Fuzz target: ClientHelloReader.feed (relay/node/clienthello.py), fed the
 input cut at points the input itself chooses (`harness.cuts`).
 

@@ -1,3 +1,4 @@
+#!/usr/bin/env python3
 """Fuzz target: the control decoder (relay/mux/control.py) on any CONTROL payload.
 
 The input is a CONTROL frame's payload. `frames.decode_json` turns it into a

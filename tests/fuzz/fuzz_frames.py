@@ -1,3 +1,4 @@
+#!/usr/bin/env python3
 """Fuzz target: the frame decoder and MuxConnection.receive_data in both roles.
 
 Input layout (so the fuzzer picks the setting as well as the bytes):
