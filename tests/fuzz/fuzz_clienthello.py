@@ -61,4 +61,4 @@ def one_input(data: bytes) -> None:
 
 
 if __name__ == "__main__":
-    fuzz_main(one_input)
+    fuzz_main("tests.fuzz.fuzz_clienthello")
