@@ -91,7 +91,7 @@ def handshaken(role: Role, windows: tuple[int, int, int], local_streams: int) ->
     """A link past a valid HELLO exchange, with `local_streams` streams we opened."""
     initial, maximum, peer_initial = windows
     conn = MuxConnection(role, initial_window=initial, max_window=maximum, link_budget=LINK_BUDGET)
-    peer_hello = fr.encode_json(FrameType.HELLO, 0, {"version": 1, "initial_window": peer_initial, "token": "t"})
+    peer_hello = fr.encode_json(FrameType.HELLO, 0, {"version": fr.PROTOCOL_VERSION, "initial_window": peer_initial, "token": "t"})
     if role is Role.RELAY:
         conn.receive_data(peer_hello)
         conn.send_hello({"relay": "fuzz"})
