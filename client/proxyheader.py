@@ -14,12 +14,16 @@ V2_TCP6 = 0x21
 
 
 def _addresses(peer, local):
+    # The relay's OPEN metadata, so a hostile relay's values: strings for
+    # hosts and integers for ports, or no address at all (PROXY UNKNOWN/LOCAL).
     try:
         src = ipaddress.ip_address(peer[0])
         dst = ipaddress.ip_address(local[0])
-        sport, dport = int(peer[1]), int(local[1])
-    except (ValueError, TypeError, IndexError):
+        sport, dport = peer[1], local[1]
+    except (ValueError, TypeError, IndexError, KeyError):
         return None
+    if type(sport) is not int or type(dport) is not int:
+        return None  # 1e400 is valid JSON for inf; True is an int to Python
     if src.version != dst.version:
         # e.g. a v4 visitor on a dual-stack listener: report both in v6 form
         src = src if src.version == 6 else ipaddress.IPv6Address(f"::ffff:{src}")
