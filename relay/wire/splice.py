@@ -37,7 +37,7 @@ from twisted.internet.interfaces import IHalfCloseableProtocol, ILoggingContext,
 from zope.interface import implementer
 
 from relay.wire.stream import MuxStream
-from relay.wire.tcpio import set_socket_options, write_now
+from relay.wire.tcpio import lose_connection, set_socket_options, write_now
 from relay.wire.tlslayer import TLSLayer
 
 
@@ -218,7 +218,7 @@ class Splice:
             # The other direction already ended (its EOF reached our
             # transport): both are done, so close in one step. Buffered
             # bytes still go first.
-            transport.loseConnection()
+            self._close(transport)
         else:
             transport.loseWriteConnection()
 
@@ -227,7 +227,16 @@ class Splice:
         if a.write_ended and b.write_ended:
             for side in (a, b):
                 if not side.lost:
-                    side.transport.loseConnection()
+                    self._close(side.transport)
+
+    @staticmethod
+    def _close(transport) -> None:
+        # A socket gets a deadline (a peer that never reads keeps it otherwise);
+        # a TLS layer and a stream have their own.
+        if _is_socket(transport):
+            lose_connection(transport)
+        else:
+            transport.loseConnection()
 
     def _side_lost(self, side: _SpliceSide) -> None:
         other = side.other

@@ -18,6 +18,25 @@ import threading
 from relay.wire.twisted_internals import idle_socket, reads_replaceable, replace_do_read
 
 LISTEN_BACKLOG = 1024  # agents and services on loopback burst; Twisted's 50 drops SYNs
+# A TCP close waits for the buffered bytes to go out; a peer that never reads
+# would keep the socket for ever. The same deadline as the TLS layer's.
+CLOSE_DEADLINE_SECONDS = 5.0
+
+
+def lose_connection(transport, deadline_seconds: float = CLOSE_DEADLINE_SECONDS) -> None:
+    """``transport.loseConnection()``, aborted after `deadline_seconds` if its
+    buffered bytes have not gone by then. Nothing buffered: no timer at all."""
+    idle = idle_socket(transport) is not None
+    transport.loseConnection()
+    reactor = getattr(transport, "reactor", None)
+    if idle or reactor is None or not getattr(transport, "connected", False):
+        return
+    reactor.callLater(deadline_seconds, _abort_if_open, transport)
+
+
+def _abort_if_open(transport) -> None:
+    if getattr(transport, "connected", False):
+        transport.abortConnection()
 
 
 def set_socket_options(transport, keepalive: bool = False) -> None:

@@ -238,3 +238,49 @@ def test_write_sequence_now_without_a_socket_is_a_plain_write_sequence():
     transport = StringTransport()
     write_sequence_now(transport, [b"a", b"bc"])
     assert transport.value() == b"abc"
+
+
+@pytest_twisted.inlineCallbacks
+def test_lose_connection_aborts_a_peer_that_never_reads_at_the_deadline():
+    """A close with bytes still buffered for a peer that never reads ends by abort at the deadline, not never."""
+    from twisted.internet import reactor
+    from twisted.internet.error import ConnectionLost
+
+    from relay.wire.tcpio import lose_connection
+
+    def flood_then_close(transport):
+        transport.write(b"x" * (32 * MIB))  # far more than the socket buffers hold
+        lose_connection(transport, deadline_seconds=0.5)
+
+    server = Server(on_connect=flood_then_close)
+    port = listen(reactor, server)
+    client = socket.create_connection(("127.0.0.1", port.getHost().port))
+    client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    try:
+        start = reactor.seconds()
+        ended = yield server.lost
+        assert 0.4 <= reactor.seconds() - start < 5
+        assert issubclass(ended, ConnectionLost)  # ConnectionAborted: not a clean close
+    finally:
+        client.close()
+        yield port.stopListening()
+
+
+@pytest_twisted.inlineCallbacks
+def test_lose_connection_with_nothing_buffered_sets_no_timer():
+    """An idle close closes at once and leaves no delayed call behind."""
+    from twisted.internet import reactor
+
+    from relay.wire.tcpio import lose_connection
+
+    before = len(reactor.getDelayedCalls())
+    server = Server(on_connect=lambda transport: lose_connection(transport, deadline_seconds=30))
+    port = listen(reactor, server)
+    client = socket.create_connection(("127.0.0.1", port.getHost().port))
+    try:
+        yield server.connected_event
+        assert len(reactor.getDelayedCalls()) == before
+        yield server.lost
+    finally:
+        client.close()
+        yield port.stopListening()
