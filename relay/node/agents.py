@@ -16,10 +16,12 @@ from twisted.logger import Logger
 from relay.mux import ErrorCode, MuxConnection, Role
 from relay.mux import control
 from relay.mux.control import CloseTunnel, OpenTunnel, TunnelRequestError
+from relay.node.limits import FD_RESERVE, visitor_fd_limit
 from relay.node.login import LoginGuard
 from relay.wire.link import MuxLink
 from relay.wire.metrics import NULL_METRICS
 from relay.wire.splice import Splice
+from relay.wire.tcpio import socket_fd
 from relay.wire.tlslayer import TLSLayer, TLSLayerFactory
 
 DEFAULT_HANDSHAKE_TIMEOUT_SECONDS = 10.0
@@ -179,6 +181,12 @@ class RelayLink(MuxLink):
             if self.closed:
                 splice.a.transport.abortConnection()  # the link died since buildProtocol
                 return
+            fd = socket_fd(splice.a.transport)
+            if fd is not None and fd > self.factory.visitor_fd_limit:
+                self.metrics.visitor_refused(tunnel.tunnel_id, "out_of_files")
+                self.factory.out_of_files()
+                splice.a.transport.abortConnection()  # keeps the reserve for agents and admin
+                return
             stream = self.open_stream(metadata, splice.b)
             self._open_deadlines[stream.stream_id] = self.clock.seconds() + self.factory.open_timeout_seconds
             if self._open_timer is None:
@@ -303,6 +311,8 @@ class AgentLinkFactory(ServerFactory):
     ):
         self.open_timeout_seconds = open_timeout_seconds
         self.max_opens_in_flight = max_opens_in_flight
+        self.visitor_fd_limit = visitor_fd_limit()
+        self._out_of_files_logged_at = None
         self.reactor = reactor
         self.login_guard = login_guard if login_guard is not None else LoginGuard(reactor)
         self._busy_logged_at = None
@@ -320,6 +330,17 @@ class AgentLinkFactory(ServerFactory):
             self._refused_at_accept(source, refused)
             return None  # Twisted closes it at once: no TLS work for it
         return RelayLink(self, source)
+
+    def out_of_files(self) -> None:
+        """A visitor was closed to keep the file-descriptor reserve: one line per burst."""
+        now = self.reactor.seconds()
+        if self._out_of_files_logged_at is None or now - self._out_of_files_logged_at >= BUSY_LOG_SECONDS:
+            self._out_of_files_logged_at = now
+            self._log.warn(
+                "open files near the limit: closing new visitors (the last {reserve} are kept "
+                "for agent links and the admin port)",
+                reserve=FD_RESERVE,
+            )
 
     def _refused_at_accept(self, source: str, why: str) -> None:
         if why == "banned":

@@ -37,3 +37,20 @@ class SessionLimits:
 
 
 DEFAULT_LIMITS = SessionLimits()
+
+# File descriptors kept free for the admin port, agent links, and the
+# listening sockets of new tunnels: a visitor whose socket would eat into
+# them is closed at once. Linux gives each new socket the lowest free number,
+# so its number is (nearly) the count of open files: an O(1) check.
+FD_RESERVE = 64
+
+
+def visitor_fd_limit(reserve: int = FD_RESERVE) -> int:
+    """The highest file descriptor number a visitor may have, from the soft
+    RLIMIT_NOFILE (read once, after the relay raised it)."""
+    import resource
+
+    soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return 2**31 - 1
+    return max(soft - reserve, 16)

@@ -271,6 +271,7 @@ def makeService(options) -> service.IService:
         node.tls_contexts = contexts
         tls_endpoint = f"tcp:{o['tls-port']}:interface={q(o['interface'])}:backlog={LISTEN_BACKLOG}"
         tls_front = TLSFrontFactory(tunnels, contexts, reactor, metrics)
+        tls_front.visitor_fd_limit = agent_factory.visitor_fd_limit
         strports.service(tls_endpoint, tls_front).setServiceParent(node)
         TimerService(o["cert-check-seconds"], contexts.reload_if_changed).setServiceParent(node)
 

@@ -30,7 +30,7 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from relay.node.clienthello import ClientHelloError, ClientHelloReader
-from relay.wire.tcpio import set_socket_options
+from relay.wire.tcpio import set_socket_options, socket_fd
 from relay.wire.metrics import NULL_METRICS
 from relay.wire.tlslayer import TLSLayer
 
@@ -151,6 +151,13 @@ class SNIRouter(Protocol):
         self._lost = False
 
     def connectionMade(self):
+        fd_limit = self.factory.visitor_fd_limit
+        if fd_limit is not None:
+            fd = socket_fd(self.transport)
+            if fd is not None and fd > fd_limit:
+                self.factory.refused(None, "out_of_files")
+                self.transport.abortConnection()  # the reserve is for agents and admin
+                return
         set_socket_options(self.transport, keepalive=True)
         self._timer = self.factory.clock.callLater(CLIENT_HELLO_TIMEOUT_SECONDS, self._too_slow)
 
@@ -279,6 +286,7 @@ class TLSFrontFactory(ServerFactory):
 
     def __init__(self, tunnels, contexts: TLSContexts, clock, metrics=NULL_METRICS):
         self.tunnels = tunnels  # relay.node.tunnels.TunnelManager
+        self.visitor_fd_limit = None  # set by the service (relay.node.limits.visitor_fd_limit)
         self.contexts = contexts
         self.clock = clock
         self.metrics = metrics

@@ -23,6 +23,14 @@ LISTEN_BACKLOG = 1024  # agents and services on loopback burst; Twisted's 50 dro
 CLOSE_DEADLINE_SECONDS = 5.0
 
 
+def socket_fd(transport) -> int | None:
+    """The file descriptor under a TCP transport or a TLS layer on one, or None."""
+    try:
+        return transport.getHandle().fileno()
+    except (AttributeError, OSError, ValueError):
+        return None
+
+
 def lose_connection(transport, deadline_seconds: float = CLOSE_DEADLINE_SECONDS) -> None:
     """``transport.loseConnection()``, aborted after `deadline_seconds` if its
     buffered bytes have not gone by then. Nothing buffered: no timer at all."""
