@@ -112,6 +112,15 @@ class Relay:
         self.link.connectionLost(Failure(ConnectionLost()))
 
 
+def reconnect(agent: TunnelAgent, relay: "Relay"):
+    """The link drops and comes back: (the new relay end, the tunnel request it got)."""
+    relay.lose()
+    relay2 = Relay(agent)
+    relay2.accept()
+    (request,) = relay2.requests()
+    return relay2, request
+
+
 class Recorder:
     def __init__(self):
         self.events = []
@@ -389,10 +398,7 @@ def test_reconnect_asks_again_with_the_tunnel_id_and_reclaim_secret():
 def test_reclaim_with_the_same_address_fires_reconnected():
     """A reply with the same addresses makes the tunnel live again and fires "reconnected"."""
     agent, tunnel, relay, recorder = live_agent()
-    relay.lose()
-    relay2 = Relay(agent)
-    relay2.accept()
-    (request,) = relay2.requests()
+    relay2, request = reconnect(agent, relay)
     relay2.grant(request, "tunnel1", 20001, reclaimed=True)
     assert tunnel.status == "live" and agent.link is relay2.link
     assert [e for _, e, _ in recorder.events] == ["open", "reconnected"]
@@ -402,10 +408,7 @@ def test_reclaim_with_the_same_address_fires_reconnected():
 def test_a_reclaim_reply_without_secret_keeps_the_old_one():
     """A reclaimed grant carries no new secret: the next reconnect presents the original one."""
     agent, tunnel, relay, recorder = live_agent()
-    relay.lose()
-    relay2 = Relay(agent)
-    relay2.accept()
-    (request,) = relay2.requests()
+    relay2, request = reconnect(agent, relay)
     relay2.grant(request, "tunnel1", 20001, reclaimed=True)
     relay2.lose()
     relay3 = Relay(agent)
@@ -417,10 +420,7 @@ def test_a_reclaim_reply_without_secret_keeps_the_old_one():
 def test_a_new_address_after_reconnect_fires_moved():
     """A reply with different addresses (the old ones expired) updates the tunnel and fires "moved"."""
     agent, tunnel, relay, recorder = live_agent()
-    relay.lose()
-    relay2 = Relay(agent)
-    relay2.accept()
-    (request,) = relay2.requests()
+    relay2, request = reconnect(agent, relay)
     relay2.grant(request, "tunnel2", 20002, secret="reclaim-secret-two")
     assert [(e, urls) for _, e, urls in recorder.events] == [
         ("open", ("tcp://relay.example:20001",)),
@@ -452,10 +452,7 @@ def keep_address_agent():
 def test_keep_address_refuses_a_different_address_and_gives_it_back():
     """keep_address: a reconnect granting different addresses closes the tunnel with TunnelLostError and closes the new grant."""
     agent, tunnel, relay, recorder = keep_address_agent()
-    relay.lose()
-    relay2 = Relay(agent)
-    relay2.accept()
-    (request,) = relay2.requests()
+    relay2, request = reconnect(agent, relay)
     assert request["reclaim"] == {"tunnel": "tunnel1", "secret": SECRET}
     relay2.grant(request, "tunnel2", 20002, secret="reclaim-secret-two")
     (give_back,) = relay2.requests()
@@ -472,10 +469,7 @@ def test_keep_address_refuses_a_different_address_and_gives_it_back():
 def test_keep_address_with_the_same_address_reconnects():
     """keep_address: a reconnect granting the same addresses keeps the tunnel live."""
     agent, tunnel, relay, recorder = keep_address_agent()
-    relay.lose()
-    relay2 = Relay(agent)
-    relay2.accept()
-    (request,) = relay2.requests()
+    relay2, request = reconnect(agent, relay)
     relay2.grant(request, "tunnel1", 20001, reclaimed=True)
     assert relay2.requests() == []  # nothing given back
     assert tunnel.status == "live" and tunnel.error is None
@@ -485,10 +479,7 @@ def test_keep_address_with_the_same_address_reconnects():
 def test_keep_address_refused_on_reconnect_is_lost():
     """keep_address: a reconnect the relay refuses (old addresses expired, no new port) ends the tunnel with TunnelLostError and fires "lost"."""
     agent, tunnel, relay, recorder = keep_address_agent()
-    relay.lose()
-    relay2 = Relay(agent)
-    relay2.accept()
-    (request,) = relay2.requests()
+    relay2, request = reconnect(agent, relay)
     assert request["reclaim"] == {"tunnel": "tunnel1", "secret": SECRET}
     relay2.reply(control.error_reply(request["id"], control.request_error("no_free_port", "range full")))
     assert tunnel.status == "closed"
@@ -512,10 +503,7 @@ def test_lost_fires_once_the_tunnel_is_closed(fail_on_refusal):
     tunnel = agent.add_tunnel(tcp_spec(), keep_address=True)
     (request,) = relay.requests()
     relay.grant(request, "tunnel1", 20001, secret=SECRET)
-    relay.lose()
-    relay2 = Relay(agent)
-    relay2.accept()
-    (request,) = relay2.requests()
+    relay2, request = reconnect(agent, relay)
     relay2.reply(control.error_reply(request["id"], control.request_error("no_free_port", "range full")))
     assert seen == [("open", "live", type(None)), ("lost", "closed", TunnelLostError)]
     done_errors = [f.type for f in errors_of(agent.done)]
