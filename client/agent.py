@@ -42,6 +42,11 @@ from relay.wire.tlslayer import TLSLayer, TLSLayerFactory
 
 AGENT_NAME = "tunnel-client/0.1"
 SERVICE_CONNECT_TIMEOUT_SECONDS = 10.0
+# Streams the relay may have open on one link, and service connections being
+# made at once for them: bounds what a hostile relay's OPENs cost the agent
+# (the relay itself caps unanswered opens at 256 per link).
+MAX_STREAMS_PER_LINK = 65_536
+MAX_DIALS_IN_PROGRESS = 1024
 RELAY_CONNECT_TIMEOUT_SECONDS = 10.0
 # Reconnect backoff: steps of 1 s, doubling, capped at 20 s, each lengthened by
 # up to 50% jitter (so 1-1.5 s first, 30 s at most), so a relay restart is not
@@ -151,6 +156,7 @@ class AgentLink(MuxLink):
         self.agent = agent
         self.ready = False
         self.session_id = "?"
+        self.dials_in_progress = 0  # service connections being made for streams
 
     def on_connected(self):
         self.mux.send_hello({"token": self.agent.token, "agent": AGENT_NAME})
@@ -170,6 +176,12 @@ class AgentLink(MuxLink):
         service = tunnel.service(service_name) if tunnel is not None and isinstance(service_name, str) else None
         if service is None:
             self.mux.reset(stream_id, ErrorCode.REFUSED_STREAM, "no such tunnel or service on this agent")
+            return
+        if len(self.streams) >= MAX_STREAMS_PER_LINK or self.dials_in_progress >= MAX_DIALS_IN_PROGRESS:
+            # A hostile (or overloaded) relay's flood of OPENs: refuse the
+            # excess at once instead of dialling the service for each.
+            self.mux.reset(stream_id, ErrorCode.REFUSED_STREAM, "agent busy")
+            self.flush_soon()
             return
         context = None
         if service.tls_files:
@@ -246,6 +258,7 @@ class _ServiceDial(ClientFactory):
         # cancels the dial: 4,583 visitors that connected and reset used to
         # cost as many connections to the service.
         self.side.cancel_connect = self.cancel
+        self.link.dials_in_progress += 1
         address = agent.known_address(self.service)
         if address is not None:
             host, port = address
@@ -255,8 +268,14 @@ class _ServiceDial(ClientFactory):
         d.addCallbacks(self._connected, self._failed)
         d.addErrback(lambda f: self._log.failure("splice setup failed", f))
 
+    def _dial_ended(self) -> None:
+        if self._pending is not None:
+            self._pending = None
+            self.link.dials_in_progress -= 1
+
     def cancel(self) -> None:
-        pending, self._pending = self._pending, None
+        pending = self._pending
+        self._dial_ended()
         if pending is None:
             return
         self._cancelled = True
@@ -269,7 +288,7 @@ class _ServiceDial(ClientFactory):
             pass  # connected in the same turn: the splice aborts it
 
     def buildProtocol(self, addr):
-        self._pending = None
+        self._dial_ended()
         stream = self.link.streams.get(self.stream_id)  # gone if it ended while we connected
         if stream is not None:
             stream.accept()  # ACCEPT: the relay counts the open as done
@@ -283,7 +302,7 @@ class _ServiceDial(ClientFactory):
         self.link.agent.remember_address(self.service, protocol.transport.getPeer())
 
     def _failed(self, failure) -> None:
-        self._pending = None
+        self._dial_ended()
         if self._cancelled:
             return  # we gave up on purpose: the stream is gone already
         self.link.agent.forget_address(self.service)

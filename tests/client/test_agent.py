@@ -733,3 +733,23 @@ def test_a_reset_while_the_agent_dials_cancels_the_dial():
         relay.deliver()
     assert connector.stoppedConnecting
     assert not [e for e in logs if "cannot reach" in str(e.get("log_format"))]
+
+
+def test_opens_beyond_the_dials_in_progress_cap_are_refused(monkeypatch):
+    """A relay's OPENs past MAX_DIALS_IN_PROGRESS unanswered service dials are reset (REFUSED_STREAM) at once; a finished dial makes room."""
+    monkeypatch.setattr(client.agent, "MAX_DIALS_IN_PROGRESS", 2)
+    agent, relay, first = _stream_to_service()
+    meta = {"tunnel": "tunnel1", "service": "", "peer": ["203.0.113.7", 1], "local": ["127.0.0.1", 20001]}
+    second = relay.mux.open_stream(meta)
+    third = relay.mux.open_stream(meta)
+    relay.deliver()
+    resets = [e for e in relay.read() if isinstance(e, ev.StreamReset)]
+    assert [(r.stream_id, r.code) for r in resets] == [(third, ErrorCode.REFUSED_STREAM)]
+    assert len(agent.reactor.tcpClients) == 2
+    host, port, factory, *_ = agent.reactor.tcpClients[0]
+    factory.buildProtocol(IPv4Address("TCP", host, port)).makeConnection(StringTransport())
+    assert relay.link.dials_in_progress == 1
+    relay.mux.open_stream(meta)
+    relay.deliver()
+    assert not [e for e in relay.read() if isinstance(e, ev.StreamReset)]
+    assert len(agent.reactor.tcpClients) == 3
