@@ -18,7 +18,10 @@ def _addresses(peer, local):
         src = ipaddress.ip_address(peer[0])
         dst = ipaddress.ip_address(local[0])
         sport, dport = int(peer[1]), int(local[1])
-    except (ValueError, TypeError, IndexError):
+    except (ValueError, TypeError, LookupError, OverflowError):
+        # The relay's metadata is a peer's JSON: an object has no [0]
+        # (KeyError), a port of 1e400 is float infinity (OverflowError); each
+        # used to escape and drop the agent's whole link (tests/chaos/).
         return None
     if src.version != dst.version:
         # e.g. a v4 visitor on a dual-stack listener: report both in v6 form

@@ -50,9 +50,6 @@ def test_faulty_link(rig, scale):
     check(sc.faulty_link(rig, scale))
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "client/proxyheader.py _addresses: a peer port of 1e400 (float infinity) raises "
-    "OverflowError and a peer object raises KeyError; the agent drops its whole link"))
 def test_bad_open_metadata_from_a_hostile_relay(rig, scale):
     """OPENs with bad metadata from a hostile relay are refused or served one by one; the agent keeps its link."""
     check(sc.bad_open_metadata(rig, scale))
