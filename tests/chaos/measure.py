@@ -101,9 +101,10 @@ def rtt_bound(before: float) -> float:
     return before * RTT_FACTOR + RTT_SLACK_SECONDS
 
 
-def echo_transfer(port: int, size: int, timeout: float = 30) -> tuple[str, str]:
+def echo_transfer(port: int, size: int, timeout: float = 30, started: threading.Event | None = None) -> tuple[str, str]:
     """Send `size` random bytes through the echo tunnel at `port` while reading
-    the echo; (sha256 sent, sha256 received)."""
+    the echo; (sha256 sent, sha256 received). `last_transfer` keeps the counts
+    and how it ended, for a report."""
     payload = os.urandom(size)
     got = hashlib.sha256()
     with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
@@ -116,13 +117,24 @@ def echo_transfer(port: int, size: int, timeout: float = 30) -> tuple[str, str]:
 
         sender = threading.Thread(target=send, daemon=True)
         sender.start()
-        while True:
-            data = s.recv(262144)
-            if not data:
-                break
-            got.update(data)
+        received, ended = 0, "EOF"
+        try:
+            while True:
+                data = s.recv(262144)
+                if not data:
+                    break
+                received += len(data)
+                got.update(data)
+                if started is not None:
+                    started.set()  # the stream is accepted and flowing
+        except OSError as e:
+            ended = type(e).__name__
         sender.join(timeout)
+    last_transfer.update(size=size, received=received, ended=ended)
     return hashlib.sha256(payload).hexdigest(), got.hexdigest()
+
+
+last_transfer: dict = {}
 
 
 def rst_close(sock: socket.socket) -> None:

@@ -51,7 +51,7 @@ def test_faulty_link(rig, scale):
 
 
 def test_bad_open_metadata_from_a_hostile_relay(rig, scale):
-    """OPENs with bad metadata from a hostile relay are refused or served one by one; the agent keeps its link."""
+    """OPENs with bad metadata from a hostile relay are refused or served one by one on the same link; a non-JSON one ends it and the agent dials again."""
     check(sc.bad_open_metadata(rig, scale))
 
 
