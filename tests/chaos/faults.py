@@ -11,8 +11,10 @@ and later:
     throttle  at most `rate_bytes_per_second` each way, per connection
     delay     each chunk is held `delay_ms` before it is sent on, each way
 
-It is not a network emulator: a chunk is whatever one recv() returned, and
-delay keeps order by holding a queue per direction. Threads, not asyncio, so
+It is not a network emulator: a chunk is whatever one recv() returned;
+delay keeps order by holding a queue per direction, and holds each chunk
+between delay_ms and delay_ms + POLL_SECONDS (the pump looks at its queue
+between reads). Threads, not asyncio, so
 a test can switch modes from its own thread; every wait is bounded
 (POLL_SECONDS), so `close()` stops every thread within about that long.
 """

@@ -541,6 +541,100 @@ def open_reset_flood(rig: Rig, scale: float) -> list[Margin]:
     return out
 
 
+class HoldServer:
+    """A service that accepts connections and holds them, one thread for all."""
+
+    def __init__(self):
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(4096)
+        self.sock.settimeout(0.1)
+        self.port = self.sock.getsockname()[1]
+        self.conns: list[socket.socket] = []
+        self._closed = False
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self):
+        while not self._closed:
+            try:
+                conn, _ = self.sock.accept()
+            except socket.timeout:
+                continue
+            except OSError:
+                return
+            self.conns.append(conn)
+
+    def close(self):
+        self._closed = True
+        self._thread.join(1)
+        self.sock.close()
+        for conn in self.conns:
+            conn.close()
+
+
+# What one stream a relay opened costs the agent while it is held: the
+# service connection's fd and about 7.5 KiB (measured with 3,000); twice that
+# per stream plus 8 MiB (the allocator's steps) is the bound, so a leak per
+# stream shows; the count itself is the relay's to choose (no agent cap).
+AGENT_KIB_PER_HELD_STREAM = 16
+
+
+def opens_held(rig: Rig, scale: float) -> list[Margin]:
+    """Each OPEN a relay holds costs the agent one service connection and a few KiB, all returned when the link goes."""
+    name = "hostile relay: OPENs held"
+    hold = HoldServer()
+    hostile = HostileRelay(rig.relay.state_dir)
+    count = int(1000 * scale)
+    go, release = threading.Event(), threading.Event()
+
+    def script(conn):
+        go.wait(20)
+        conn.sendall(b"".join(
+            fb.open_frame(2 + 2 * i, {"tunnel": HostileRelay.TUNNEL_ID, "service": "",
+                                      "peer": ["127.0.0.1", 1], "local": ["127.0.0.1", 9]})
+            for i in range(count)))
+        conn.settimeout(0.2)
+        while not release.is_set():  # read (and drop) the ACCEPTs
+            try:
+                conn.recv(65536)
+            except socket.timeout:
+                continue
+            except OSError:
+                return
+        conn.close()
+
+    hostile.serve(script)
+    env = rig.relay.client_env()
+    env["TUNNEL_RELAY"] = f"localhost:{hostile.port}"
+    agent = rig.agent("forward", str(hold.port), "--unencrypted", env=env)
+    agent.address()
+    pid = agent.proc.pid
+    time.sleep(0.3)
+    fds0, rss0 = m.fd_count(pid), m.rss_bytes(pid)
+    go.set()
+    try:
+        wait_for(lambda: len(hold.conns) >= count, 30, f"{count} service connections")
+    except TimeoutError:
+        pass
+    time.sleep(0.3)
+    fds, rss = m.fd_count(pid) - fds0, m.rss_bytes(pid) - rss0
+    release.set()
+    after = m.settle_fds(pid, fds0 + m.FD_MARGIN)
+    out = [
+        Margin(name, f"agent fds held for {count} OPENs (no cap: info)", fds, count + m.FD_MARGIN),
+        Margin(name, f"agent RSS growth holding them ({AGENT_KIB_PER_HELD_STREAM} KiB each + 8 MiB)",
+               round(rss / 2**20, 1), round((count * AGENT_KIB_PER_HELD_STREAM * 1024 + 8 * 2**20) / 2**20, 1), " MiB"),
+        Margin(name, "agent fds after the link closed", after - fds0, m.FD_MARGIN),
+        Margin(name, "service connections not made", count - len(hold.conns), 0),
+        rig.log_margin(name),
+    ]
+    agent.stop()
+    hostile.close()
+    hold.close()
+    return out
+
+
 SCENARIOS = [
     ping_flood_never_reads,
     opens_never_answered,
@@ -551,4 +645,5 @@ SCENARIOS = [
     faulty_link,
     bad_open_metadata,
     open_reset_flood,
+    opens_held,
 ]

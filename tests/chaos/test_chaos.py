@@ -58,3 +58,8 @@ def test_bad_open_metadata_from_a_hostile_relay(rig, scale):
 def test_open_reset_flood_from_a_hostile_relay(rig, scale):
     """A relay that floods OPENs, then RESETs them, never reading, leaves the agent no service connections or growth."""
     check(sc.open_reset_flood(rig, scale))
+
+
+def test_opens_held_by_a_hostile_relay(rig, scale):
+    """Each OPEN a relay holds costs the agent one service connection and a few KiB, all returned when the link goes."""
+    check(sc.opens_held(rig, scale))
