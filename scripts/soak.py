@@ -16,6 +16,7 @@ import signal
 import sys
 import tempfile
 import time
+import traceback
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # tests.* and scripts.*
@@ -55,7 +56,10 @@ def run(minutes: float, scale: float, only: list[str]) -> int:
                     try:
                         margins = scenario(rig, scale)
                     except Exception as e:  # a scenario that cannot finish is a violation too
-                        errors.append(f"round {rounds} {scenario.__name__}: {type(e).__name__}: {e}")
+                        frames = traceback.extract_tb(e.__traceback__)
+                        where = ([f for f in frames if "chaos" in f.filename] or frames)[-1]
+                        errors.append(f"round {rounds} {scenario.__name__}: {type(e).__name__}: {e} "
+                                      f"(at {Path(where.filename).name}:{where.lineno})")
                         violations += 1
                         continue
                     for margin in margins:

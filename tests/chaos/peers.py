@@ -11,7 +11,6 @@ what a real peer must survive. Every socket has a timeout.
 """
 
 import json
-import os
 import socket
 import ssl
 import struct
@@ -190,7 +189,8 @@ def echo_through_stream(conn: socket.socket, stream_id: int, payload: bytes, tim
             continue
         if kind == FrameType.DATA:
             got += body
-            conn.sendall(fb.window_update(stream_id, len(body))) if body else None
+            if body:
+                conn.sendall(fb.window_update(stream_id, len(body)))
         elif kind == FrameType.FIN:
             return bytes(got)
         elif kind == FrameType.RESET:
