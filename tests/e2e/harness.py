@@ -149,10 +149,13 @@ class AgentProcess:
         self.stdout = _LineReader(self.proc.stdout)
         self.stderr = _LineReader(self.proc.stderr)
 
-    def next_line(self, timeout: float = 15) -> str:
-        return self.stdout.next_line(timeout)
+    def next_line(self, timeout: float = 30) -> str:
+        try:
+            return self.stdout.next_line(timeout)
+        except AssertionError as e:  # say why: the agent's own words
+            raise AssertionError(f"{e}; agent stderr:\n{self.stderr_text()[-2000:]}") from None
 
-    def address(self, timeout: float = 15) -> tuple[str, int]:
+    def address(self, timeout: float = 30) -> tuple[str, int]:
         """The next printed tcp://host:port, as (host, port)."""
         line = self.next_line(timeout)
         assert line.startswith("tcp://"), (line, self.stderr_text())
