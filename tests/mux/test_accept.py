@@ -119,16 +119,35 @@ def test_useful_data_pays_back_for_useless_frames():
     assert pair.relay.useless_frames <= 10
 
 
-def test_frames_for_gone_streams_count_as_useless():
-    """DATA, WINDOW_UPDATE, FIN and RESET for a stream already gone each count."""
+def test_frames_for_gone_streams_count_as_useless_beyond_the_race_each_stream_may_leave():
+    """DATA, WINDOW_UPDATE, FIN, RESET and ACCEPT for a gone stream are free up to RACE_FRAMES_PER_STREAM per ended stream, then count."""
+    from relay.mux.connection import RACE_FRAMES_PER_STREAM
+
     pair = LinkPair(relay_kwargs={"max_useless_frames": 3})
     stream_id = pair.relay.open_stream({})
     pair.to_agent()
     pair.relay.reset(stream_id)
-    pair.relay.receive_data(h.data(stream_id, b"x") + h.window_update(stream_id, 1) + h.fin(stream_id))
+    race = h.data(stream_id, b"x") + h.window_update(stream_id, 1) + h.fin(stream_id) + h.frame(FrameType.ACCEPT, stream_id)
+    assert RACE_FRAMES_PER_STREAM == 4
+    pair.relay.receive_data(race)
+    assert pair.relay.useless_frames == 0
+    pair.relay.receive_data(h.window_update(stream_id, 1) * 3)
     assert pair.relay.useless_frames == 3
     with pytest.raises(CalmDownError):
         pair.relay.receive_data(h.reset(stream_id, ErrorCode.CANCEL))
+
+
+def test_many_short_visitors_whose_accept_crossed_our_reset_never_end_the_link():
+    """20,000 streams each reset by us while the peer's ACCEPT was on its way (health checks) leave the link open."""
+    pair = LinkPair()
+    for _ in range(20_000):
+        stream_id = pair.relay.open_stream({})
+        pair.to_agent()
+        pair.relay.reset(stream_id)  # the visitor left
+        pair.agent.accept_stream(stream_id)  # crossed the RESET
+        pair.to_relay()
+        pair.to_agent()
+    assert pair.relay.state.value == "open" and pair.relay.useless_frames == 0
 
 
 def test_a_version_1_agent_gets_the_spec_s_refusal():
