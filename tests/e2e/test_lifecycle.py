@@ -244,10 +244,15 @@ def test_token_never_logged(relays, proxies, echo, agents):
     wait_for(lambda: serves(port), 10, "reconnect")
     wrong = token[:-4] + "abcd"
     bad = agents(relay, "forward", str(echo.port), "--unencrypted", "--token", wrong, "-v")
-    assert bad.wait(10) != 0
+    code = bad.wait(10)
+    assert code != 0
     assert agent.stop() == 0
     assert "reattached" in relay.log()
-    assert "refused: bad token" in relay.log()
+    # Read back until the line is there (bounded); say what the agent saw if never.
+    try:
+        wait_for(lambda: "refused: bad token" in relay.log(), 5, "the relay's refusal line")
+    except (AssertionError, TimeoutError):
+        raise AssertionError(f"exit {code}; agent: {bad.stderr_text()[-2000:]}\nrelay: {relay.log()[-3000:]}") from None
     for text in (relay.log(), agent.stderr_text(), bad.stderr_text()):
         assert token not in text
         assert wrong not in text
