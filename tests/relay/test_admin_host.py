@@ -40,9 +40,9 @@ def test_own_names_are_served(admin, host):
         assert status == 200, body
 
 
-@pytest.mark.parametrize("host", [b"evil.example", b"evil.example:17080", b"127.0.0.1.evil.example", None, b"\xff"])
+@pytest.mark.parametrize("host", [b"evil.example", b"evil.example:17080", b"127.0.0.1.evil.example", b"", b"\xff"])
 def test_other_hosts_get_421_and_no_data(admin, host):
-    """A Host that is not the admin's own (a rebinding page's name, or none) gets 421 and no tunnel data."""
+    """A Host that is not the admin's own (a rebinding page's name, or an empty one) gets 421 and no tunnel data."""
     for path in ("/healthz", "/v1/tunnels"):
         status, body = get(admin, path, host)
         assert status == 421
@@ -55,3 +55,9 @@ def test_host_of_strips_port_and_brackets():
     assert host_of(b"Example.COM:80") == "example.com"
     assert host_of(b"[::1]:8080") == "::1"
     assert host_of(b"") is None
+
+
+def test_an_http_1_0_request_without_host_is_served(admin):
+    """No Host header at all (HTTP/1.0, curl -0) is served: browsers, the rebinding path, always send one."""
+    status, body = get(admin, "/healthz", None)
+    assert status == 200
