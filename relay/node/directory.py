@@ -179,7 +179,7 @@ class ITunnelDirectory(Interface):
 class MemoryDirectory:
     """One node's directory, in dicts. Lookups are synchronous underneath and
     exposed as already-fired Deferreds; `lookup_hostname` is the synchronous
-    form for callers that know they hold a MemoryDirectory (tests, the admin view)."""
+    form for callers that know they hold a MemoryDirectory (tests)."""
 
     def __init__(self, clock, recent_id_seconds: float = RECENT_ID_SECONDS):
         self.clock = clock
@@ -192,9 +192,6 @@ class MemoryDirectory:
         # recent_id_seconds after they ended.
         self._ids: set[str] = set()
         self._ended: dict[str, float] = {}
-
-    def __len__(self) -> int:
-        return len(self._tunnels)
 
     def fresh_id(self):
         self._prune_ended()
@@ -242,11 +239,6 @@ class MemoryDirectory:
         return defer.succeed(None)
 
     def remove(self, tunnel):
-        self.forget(tunnel)
-        return defer.succeed(None)
-
-    def forget(self, tunnel: Tunnel) -> None:
-        """remove(), synchronously: the tunnel's names and ports are free at once."""
         if self._tunnels.get(tunnel.tunnel_id) is tunnel:
             del self._tunnels[tunnel.tunnel_id]
         self._id_ended(tunnel.tunnel_id)
@@ -255,6 +247,7 @@ class MemoryDirectory:
                 del self._hostnames[endpoint.hostname]
             if endpoint.kind == "tcp" and self._ports.get(endpoint.port, (None,))[0] is tunnel:
                 del self._ports[endpoint.port]
+        return defer.succeed(None)
 
     def by_id(self, tunnel_id):
         return defer.succeed(self._tunnels.get(tunnel_id))
@@ -296,7 +289,3 @@ class MemoryDirectory:
 
     def tunnels(self):
         return defer.succeed(list(self._tunnels.values()))
-
-    def all(self) -> list[Tunnel]:
-        """tunnels(), synchronously."""
-        return list(self._tunnels.values())

@@ -62,8 +62,6 @@ class GraceTimers:
         if call is not None and call.active():
             call.cancel()
 
-    def __contains__(self, tunnel_id: str) -> bool:
-        return tunnel_id in self._calls
 
 
 class TunnelManager:
@@ -276,8 +274,8 @@ class TunnelManager:
 
     def _release(self, tunnel: Tunnel) -> list:
         """Unbind, quarantine, forget names and ports; the Deferreds of the unbinding."""
-        self._unshare_client_ca(tunnel.client_ca)
-        tunnel.client_ca = None
+        self._unshare_client_ca(tunnel.client_ca_digest)
+        tunnel.client_ca = tunnel.client_ca_digest = None
         unbinding = []
         for endpoint in tunnel.endpoints:
             if endpoint.kind == "tcp" and endpoint.port:
@@ -292,16 +290,18 @@ class TunnelManager:
         self.links.discard(link)
         served = self._by_link.pop(link, set())
         for tunnel in [self._local[i] for i in served if i in self._local]:
-            tunnel.links = [other for other in tunnel.links if other is not link]
-            if tunnel.links:
-                continue  # still served by another link
-            if graceful:
-                self.close(tunnel, "agent closed it")
-                continue
+            d = self.directory.detach_link(tunnel, link)
+            d.addCallback(self._detached, tunnel, graceful)
+            d.addErrback(lambda f: self._log.failure("detach_link failed", f))
+
+    def _detached(self, remaining: list, tunnel: Tunnel, graceful: bool) -> None:
+        if remaining or self._local.get(tunnel.tunnel_id) is not tunnel:
+            return  # still served by another link, or closed meanwhile
+        if graceful:
+            self.close(tunnel, "agent closed it")
+        else:
             tunnel.detached_at = self.reactor.seconds()
-            self.grace.start(
-                tunnel.tunnel_id, self.grace_seconds, lambda t=tunnel: self.close(t, "grace period expired")
-            )
+            self.grace.start(tunnel.tunnel_id, self.grace_seconds, lambda: self.close(tunnel, "grace period expired"))
             self._log.info(
                 "tunnel {tunnel} waits {seconds:.0f}s for its agent to come back",
                 tunnel=tunnel.tunnel_id, seconds=self.grace_seconds,
@@ -335,10 +335,9 @@ class TunnelManager:
         entry[1] += 1
         return entry[0]
 
-    def _unshare_client_ca(self, pem: bytes | None) -> None:
-        if pem is None:
+    def _unshare_client_ca(self, digest: bytes | None) -> None:
+        if digest is None:
             return
-        digest = hashlib.sha256(pem).digest()  # once per tunnel's end, not per request
         entry = self._client_cas.get(digest)
         if entry is not None:
             entry[1] -= 1
