@@ -50,6 +50,9 @@ class RelayLink(MuxLink):
         self.tunnels = factory.tunnels
         self.session_id = secrets.token_hex(4)
         self.authenticated = False
+        # relay/node/tenants.py Grant: the tenant, token id, limits and names
+        # of the token this session logged in with (None before login).
+        self.grant = None
         self.graceful = False  # the agent said GOAWAY(NO_ERROR): free its tunnels now
         self._handshake_call = None
         self._open_deadlines: dict[int, float] = {}  # stream id -> when its open times out
@@ -77,13 +80,15 @@ class RelayLink(MuxLink):
             self.abort_link()
 
     def on_hello(self, info: dict):
-        if not self.factory.check_token(info.get("token")):
+        grant = self.factory.check_token(info.get("token"))
+        if grant is None:
             if not self.factory.login_guard.banned(self.source):
                 self._log.warn("agent {peer} refused: bad token", peer=self.peer)
             self.metrics.auth_failed(self.peer)
             self.factory.login_guard.bad_token(self.source)
             self.close_link(ErrorCode.AUTH_FAILED, "token refused")
             return
+        self.grant = grant
         self.authenticated = True
         self.login_ended()
         if self._handshake_call is not None and self._handshake_call.active():

@@ -52,6 +52,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from relay.node.tenants import DEV_GRANT, Grant
+
 __all__ = [
     "DEFAULT_STATE_DIR",
     "RelayState",
@@ -124,20 +126,21 @@ def hash_token(token: str) -> bytes:
     return hashlib.sha256(token.encode("utf-8", "surrogatepass")).digest()
 
 
-def check_token(state: RelayState, presented: str) -> bool:
-    """Whether ``presented`` is one of the accepted agent tokens.
+def check_token(state: RelayState, presented: str) -> Grant | None:
+    """The grant of ``presented`` if it is one of the accepted agent tokens
+    (the development tenant's: relay/node/tenants.py), else None.
 
     The digest is compared with every stored hash, without stopping at a
     match, so the time taken says nothing about which hash matched.
     """
     if not isinstance(presented, str) or not presented:
-        return False
+        return None
     digest = hash_token(presented)
     matched = False
     for stored in state.token_hashes:
         if hmac.compare_digest(digest, stored):
             matched = True
-    return matched
+    return DEV_GRANT if matched else None
 
 
 def load_or_create(

@@ -96,6 +96,13 @@ class TunnelManager:
         # One copy of each distinct client CA PEM, shared by the tunnels naming it.
         self._client_cas: dict[bytes, list] = {}  # sha256 -> [pem, tunnels using it]
 
+    def limits_of(self, link) -> SessionLimits:
+        """The limits of `link`'s session: its token's, else the node's."""
+        grant = getattr(link, "grant", None)
+        if grant is not None and grant.limits is not None:
+            return grant.limits
+        return self.limits
+
     @property
     def tunnels(self) -> dict[str, Tunnel]:
         """The tunnels this node holds, by id."""
@@ -206,21 +213,20 @@ class TunnelManager:
             self.metrics.visitor_refused(tunnel.tunnel_id, "not_allowed")
             self._log.debug("visitor {host} denied on tunnel {tunnel}", host=host, tunnel=tunnel.tunnel_id)
             return None
-        limits = self.limits
+        limits = self.limits_of(link)
         if link.stream_count(tunnel.tunnel_id) >= limits.max_streams_per_tunnel:
             self.metrics.visitor_refused(tunnel.tunnel_id, "streams_per_tunnel")
             return None
         if len(link.streams) >= limits.max_streams_per_link:
             self.metrics.visitor_refused(tunnel.tunnel_id, "streams_per_link")
             return None
-        if not self._take_stream_token(tunnel):
+        if not self._take_stream_token(tunnel, limits):
             self.metrics.visitor_refused(tunnel.tunnel_id, "new_streams_rate")
             return None
         return link
 
-    def _take_stream_token(self, tunnel: Tunnel) -> bool:
+    def _take_stream_token(self, tunnel: Tunnel, limits: SessionLimits) -> bool:
         """The tunnel's new-stream token bucket: refill by elapsed time, take one."""
-        limits = self.limits
         now = self.reactor.seconds()
         if tunnel.stream_tokens < 0:  # a new tunnel starts with a full bucket
             tokens = float(limits.new_streams_burst)
@@ -308,7 +314,7 @@ class TunnelManager:
             )
 
     def _check_limits(self, link, request: OpenTunnel) -> None:
-        limits = self.limits
+        limits = self.limits_of(link)
         held = [self._local[i] for i in self._by_link.get(link, ()) if i in self._local]
         if len(held) + 1 > limits.max_tunnels:
             raise LimitExceededError(None, f"tunnels per session: at most {limits.max_tunnels}")

@@ -4,6 +4,7 @@ driven by a peer MuxConnection, for tests of routing and control handling."""
 
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 
+from relay.node.tenants import DEV_GRANT
 from relay.mux import MuxConnection, Role
 from relay.mux import control
 from relay.mux import events as ev
@@ -40,7 +41,7 @@ class Node:
         self.factory = AgentLinkFactory(
             self.reactor,
             self.tunnels,
-            lambda token: token == TOKEN,
+            lambda token: DEV_GRANT if token == TOKEN else None,
             metrics=self.metrics,
             keepalive_interval_seconds=10,
             keepalive_timeout_seconds=30,

@@ -13,6 +13,7 @@ from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.python.failure import Failure
 from twisted.web.server import Site
 
+from relay.node.tenants import DEV_GRANT
 from relay.mux import ErrorCode, MuxConnection, Role
 from relay.mux import control
 from relay.mux import events as ev
@@ -42,7 +43,7 @@ class Node:
             grace_seconds=60, directory=MemoryDirectory(self.reactor), metrics=self.metrics,
         )
         self.links = AgentLinkFactory(
-            self.reactor, self.tunnels, lambda token: token == TOKEN, metrics=self.metrics,
+            self.reactor, self.tunnels, lambda token: DEV_GRANT if token == TOKEN else None, metrics=self.metrics,
             handshake_timeout_seconds=10, keepalive_interval_seconds=10, keepalive_timeout_seconds=30,
         )
         self.admin = AdminAPI(self.tunnels, self.metrics, self.reactor.seconds(), self.reactor)

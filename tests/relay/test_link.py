@@ -13,6 +13,7 @@ from twisted.internet.testing import StringTransport
 from twisted.logger import capturedLogs
 from zope.interface import implementer
 
+from relay.node.tenants import DEV_GRANT
 from relay.node.agents import AgentLinkFactory
 from relay.wire.interfaces import ITurnEndReactor
 from relay.wire.link import MuxLink
@@ -201,7 +202,7 @@ def test_malformed_frame_closes_only_that_link():
     assert transport.disconnecting
 
 
-def relay_link(clock, check=lambda token: token == TOKEN):
+def relay_link(clock, check=lambda token: DEV_GRANT if token == TOKEN else None):
     registry = FakeRegistry()
     factory = AgentLinkFactory(
         clock, registry, check,

@@ -241,11 +241,11 @@ def test_rotate_token_replaces_all_hashes(tmp_path):
 def test_check_token_refuses_wrong_empty_and_non_str(tmp_path):
     """check_token accepts the token and refuses others, the empty string and non-str values."""
     state = _start(tmp_path)
-    assert check_token(state, state.new_token) is True
-    assert check_token(state, state.new_token + "x") is False
-    assert check_token(state, "") is False
+    assert check_token(state, state.new_token) is not None
+    assert check_token(state, state.new_token + "x") is None
+    assert check_token(state, "") is None
     for value in (None, state.new_token.encode(), 42, [state.new_token]):
-        assert check_token(state, value) is False
+        assert check_token(state, value) is None
 
 
 def test_check_token_compares_every_hash(tmp_path, monkeypatch):
@@ -416,7 +416,7 @@ def test_agent_address_with_newline_is_refused(tmp_path):
 def test_a_token_with_lone_surrogates_is_refused_not_an_exception(tmp_path, presented):
     """A lone surrogate is valid JSON text but not UTF-8: the token check says no, it never raises."""
     state = _start(tmp_path / "state")
-    assert check_token(state, presented) is False
+    assert check_token(state, presented) is None
 
 
 def test_a_state_folder_made_with_another_mode_is_tightened_on_start(tmp_path):
