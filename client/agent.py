@@ -25,6 +25,7 @@ from twisted.logger import Logger
 from client.errors import (
     AuthenticationError,
     ConfigurationError,
+    LimitExceededError,
     RelayUnreachableError,
     RelayVerificationError,
     RelayVersionError,
@@ -213,8 +214,8 @@ class AgentLink(MuxLink):
         if code == ErrorCode.AUTH_FAILED:
             self.agent.metrics.auth_failed(self.agent.relay_host)
             self.agent.fail(AuthenticationError(
-                "the relay refused the token: check TUNNEL_TOKEN / --token "
-                "(a relay started with --rotate-token invalidates old tokens)"
+                f"the relay refused the token ({message[:200] or 'no reason given'}): check TUNNEL_TOKEN / --token "
+                "(a relay started with --rotate-token, or relay-admin token revoke, invalidates tokens)"
             ))
         elif code == ErrorCode.UNSUPPORTED_VERSION:
             self.agent.fail(RelayVersionError(
@@ -695,11 +696,16 @@ class TunnelAgent:
             error = TunnelLostError(
                 f"{' '.join(tunnel.urls)} expired while the link to the relay was down ({error})"
             )
-        if self.fail_on_refusal:
+        others = [t for t in self.tunnels if t is not tunnel and t.status != "closed"]
+        if self.fail_on_refusal and not (isinstance(error, LimitExceededError) and others):
             self.fail(error)
             if lost:
                 self.on_tunnel(tunnel, "lost")
             return
+        if self.fail_on_refusal:
+            # A limit of the token (docs/security.md) refused this one tunnel:
+            # say which, and keep the others; the last one refused ends the agent.
+            self._log.warn("{error}; keeping the other tunnels", error=error)
         self.tunnels.remove(tunnel)
         if tunnel.tunnel_id is not None and self.tunnels_by_id.get(tunnel.tunnel_id) is tunnel:
             del self.tunnels_by_id[tunnel.tunnel_id]

@@ -20,7 +20,6 @@ from relay.node.limits import FD_RESERVE, visitor_fd_limit
 from relay.node.login import LoginGuard
 from relay.wire.link import MuxLink
 from relay.wire.metrics import NULL_METRICS
-from relay.wire.splice import Splice
 from relay.wire.tcpio import socket_fd
 from relay.wire.tlslayer import TLSLayer, TLSLayerFactory
 
@@ -94,7 +93,7 @@ class RelayLink(MuxLink):
         if self._handshake_call is not None and self._handshake_call.active():
             self._handshake_call.cancel()
         self._handshake_call = None
-        self.tunnels.links.add(self)
+        self.tunnels.add_link(self)
         self.metrics.link_up(self.session_id, self.peer)
         self.mux.send_hello(
             {
@@ -180,7 +179,7 @@ class RelayLink(MuxLink):
             self.metrics.visitor_refused(tunnel.tunnel_id, "opens_in_flight")
             self._log_refusal_burst(tunnel.tunnel_id)
             return _Refused()
-        splice = Splice()
+        splice = self.tunnels.splice_for(tunnel, self)
 
         def open_stream():
             if self.closed:

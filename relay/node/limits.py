@@ -1,9 +1,10 @@
 """Limits of one agent session (one authenticated link, until several links
 join one session), with defaults no ordinary user reaches by accident.
 
-docs/security.md lists each limit, its default and what it protects. The
-production-node issue makes them per tenant; until then every session gets
-the defaults, or what `twistd relay` was given.
+docs/security.md lists each limit, its default and what it protects. A
+token of the tokens file (relay/node/tokens.py) may narrow some of them: its
+session then gets the node's limits with the token's in their place, and the
+`token_*` fields, which count over every session of that token together.
 """
 
 from __future__ import annotations
@@ -34,6 +35,16 @@ class SessionLimits:
     # benchmark opens about 4,400/s; the burst absorbs a reconnect storm.
     new_streams_per_second: float = 10_000.0
     new_streams_burst: int = 20_000
+    # -- set only from a token (None: no such limit) --
+    # Tunnels, and concurrent visitor streams, of every session of the token
+    # together: an agent must not get twice its share by dialling twice.
+    token_max_tunnels: int | None = None
+    token_max_streams: int | None = None
+    # Bytes per second per tunnel, each direction on its own (a token bucket
+    # shared by the tunnel's visitors: relay/wire/throttle.py).
+    bandwidth_bytes_per_second: int | None = None
+    # Public ports the token's TCP endpoints are bound from (LO, HI).
+    port_range: tuple[int, int] | None = None
 
 
 DEFAULT_LIMITS = SessionLimits()

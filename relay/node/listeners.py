@@ -17,7 +17,7 @@ from twisted.internet.error import CannotListenError
 from twisted.internet.protocol import ServerFactory
 from twisted.logger import Logger
 
-from relay.mux.control import NoPortsAvailableError, RelayOverloadedError
+from relay.mux.control import LimitExceededError, NoPortsAvailableError, RelayOverloadedError
 from relay.node.ports import NoFreePortError, PortAllocator
 from relay.wire.tcpio import LISTEN_BACKLOG
 
@@ -53,13 +53,16 @@ class PublicPorts:
         self._listening: dict[int, object] = {}  # port -> IListeningPort
 
     @defer.inlineCallbacks
-    def bind(self, factory: VisitorFactory, claim=None):
-        """Listen on a free port of the range with `factory`; fires with the
-        port number. `claim(port)` (a Deferred of bool) may veto a port.
-        Errs with NoPortsAvailableError."""
+    def bind(self, factory: VisitorFactory, claim=None, within: tuple[int, int] | None = None):
+        """Listen on a free port of the range (or of `within`, a token's
+        ports) with `factory`; fires with the port number. `claim(port)` (a
+        Deferred of bool) may veto a port. Errs with NoPortsAvailableError,
+        or LimitExceededError naming the token's range."""
         try:
-            candidates = self.allocator.candidates(MAX_BIND_ATTEMPTS)
+            candidates = self.allocator.candidates(MAX_BIND_ATTEMPTS, within)
         except NoFreePortError as e:
+            if within is not None:
+                raise LimitExceededError(None, f"public ports of this token ({within[0]}-{within[1]}): {e}") from None
             raise NoPortsAvailableError(None, str(e)) from None
         for port in candidates:
             self.allocator.claim(port)  # before any yield: no concurrent request takes it
@@ -83,6 +86,10 @@ class PublicPorts:
                 raise
             self._listening[port] = factory.listening
             return port
+        if within is not None:
+            raise LimitExceededError(
+                None, f"public ports of this token ({within[0]}-{within[1]}): no bindable port"
+            )
         raise NoPortsAvailableError(
             None, f"no bindable port in {self.allocator.low}-{self.allocator.high}"
         )

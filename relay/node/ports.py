@@ -32,26 +32,37 @@ class PortAllocator:
         for port in [p for p, until in self._quarantine.items() if until <= now]:
             del self._quarantine[port]
 
-    def candidates(self, count: int) -> list[int]:
-        """Up to `count` distinct free ports in random order."""
+    def candidates(self, count: int, within: tuple[int, int] | None = None) -> list[int]:
+        """Up to `count` distinct free ports in random order; `within` (LO, HI)
+        narrows the range (a token's ports: relay/node/tokens.py)."""
         self._expire_quarantine()
-        busy = len(self.in_use) + len(self._quarantine)
-        if busy >= self.size:
-            raise NoFreePortError(
-                f"no free port in {self.low}-{self.high}: "
-                f"{len(self.in_use)} in use, {len(self._quarantine)} in quarantine"
-            )
+        low, high = self.low, self.high
+        if within is not None:
+            low, high = max(low, within[0]), min(high, within[1])
+            if low > high:
+                raise NoFreePortError(
+                    f"ports {within[0]}-{within[1]} lie outside the relay's range {self.low}-{self.high}"
+                )
+        size = high - low + 1
+        if within is None:
+            used, resting = len(self.in_use), len(self._quarantine)
+        else:
+            used = sum(low <= p <= high for p in self.in_use)
+            resting = sum(low <= p <= high for p in self._quarantine)
+        busy = used + resting
+        if busy >= size:
+            raise NoFreePortError(f"no free port in {low}-{high}: {used} in use, {resting} in quarantine")
         picked: list[int] = []
-        if self.size <= 4096 or busy > self.size // 2:
+        if size <= 4096 or busy > size // 2:
             free = [
-                p for p in range(self.low, self.high + 1)
+                p for p in range(low, high + 1)
                 if p not in self.in_use and p not in self._quarantine
             ]
             self._random.shuffle(free)
             return free[:count]
         seen: set[int] = set()
         while len(picked) < count and len(seen) < 4 * count:
-            port = self._random.randint(self.low, self.high)
+            port = self._random.randint(low, high)
             if port in seen:
                 continue
             seen.add(port)

@@ -46,6 +46,7 @@ SETTINGS = {
     "cert": (None, str, "Certificate chain (PEM) for *.<domain>; default: issued by the dev CA."),
     "key": (None, str, "Private key (PEM) of --cert."),
     "cert-check-seconds": (30.0, float, "How often to look for a renewed --cert/--key (also on SIGHUP)."),
+    "tokens-check-seconds": (2.0, float, "How often to look for a changed tokens file (also on SIGHUP)."),
     "admin-port": (17080, int, "Admin HTTP port (GET /healthz, GET /v1/tunnels); 0 disables."),
     "admin-interface": ("127.0.0.1", str, "Address the admin port binds; keep it private."),
     "admin-allowed-hosts": ("", str, "Comma-separated extra names the admin API accepts in Host (besides its address and localhost)."),
@@ -165,17 +166,23 @@ class RelayNode(service.MultiService):
         self.metrics = metrics
 
     tls_contexts = None
+    token_store = None
+
+    def reload(self) -> None:
+        """SIGHUP: the certificate and the tokens file, each kept if its new version is bad."""
+        if self.tls_contexts is not None:
+            self.tls_contexts.reload()
+        if self.token_store is not None:
+            self.token_store.reload()
 
     def startService(self):
         super().startService()
-        if self.tls_contexts is not None:
-            from twisted.internet import reactor
+        from twisted.internet import reactor
 
-            # SIGHUP: pick up a renewed certificate now (a signal handler may
-            # not touch the reactor's state, so hop onto the reactor first).
-            signal.signal(
-                signal.SIGHUP, lambda *_: reactor.callFromThread(self.tls_contexts.reload)
-            )
+        # SIGHUP: pick up a renewed certificate and changed tokens now (a
+        # signal handler may not touch the reactor's state, so hop onto the
+        # reactor first).
+        signal.signal(signal.SIGHUP, lambda *_: reactor.callFromThread(self.reload))
         o = self.options
         self._log.info(
             "relay node up: agents on {agent_iface}:{agent_port}, tunnel ports {ports} on {iface}, "
@@ -234,10 +241,22 @@ def makeService(options) -> service.IService:
     node = RelayNode(o, state, tunnels, metrics)
     node.setName("relay")
 
+    from relay.node.tokens import TokenStore, ensure_tokens_file
+
+    # The development token (agent-tokens) becomes the dev tenant's on the
+    # first start; a new one (--rotate-token, a lost agent-tokens) replaces it.
+    tokens_path = ensure_tokens_file(
+        state.state_dir, state.token_hashes, replace_dev=state.new_token is not None
+    )
+    store = TokenStore(tokens_path, tunnels.limits)
+    store.on_reload.append(lambda table: tunnels.apply_grants(table.grant_of))
+    node.token_store = store
+    TimerService(o["tokens-check-seconds"], store.reload_if_changed).setServiceParent(node)
+
     agent_factory = AgentLinkFactory(
         reactor,
         tunnels,
-        lambda token: relay_state.check_token(state, token),
+        store.check_token,
         metrics=metrics,
         handshake_timeout_seconds=o["handshake-timeout"],
         keepalive_interval_seconds=o["keepalive-interval"],

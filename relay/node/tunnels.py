@@ -37,9 +37,14 @@ from relay.mux.control import (
 from relay.node.directory import Endpoint, ITunnelDirectory, MemoryDirectory, Tunnel, secret_digest
 from relay.node.limits import DEFAULT_LIMITS, SessionLimits
 from relay.node.listeners import PublicPorts, VisitorFactory
+from relay.mux import ErrorCode
 from relay.wire.metrics import NULL_METRICS
+from relay.wire.splice import Splice
+from relay.wire.throttle import ThrottledSplice, TokenBucket
 
 DEFAULT_GRACE_SECONDS = 60.0
+# At most one log line per token and reason this often for refused visitors.
+REFUSAL_LOG_SECONDS = 10.0
 
 
 class GraceTimers:
@@ -95,6 +100,14 @@ class TunnelManager:
         self._by_link: dict[object, set[str]] = {}  # link -> ids of the tunnels it serves
         # One copy of each distinct client CA PEM, shared by the tunnels naming it.
         self._client_cas: dict[bytes, list] = {}  # sha256 -> [pem, tunnels using it]
+        # Per token (relay/node/tokens.py): its live links, and the tunnels it
+        # opened (live or in grace), for the limits that count over all of them.
+        self._links_by_token: dict[str, set] = {}
+        self._tunnels_by_token: dict[str, set[str]] = {}
+        self._token_of: dict[str, str] = {}  # tunnel id -> token id
+        # Bandwidth caps: tunnel id -> (visitor-to-agent, agent-to-visitor) buckets.
+        self._buckets: dict[str, tuple[TokenBucket, TokenBucket]] = {}
+        self._refusal_logged_at: dict[tuple[str, str], float] = {}
 
     def limits_of(self, link) -> SessionLimits:
         """The limits of `link`'s session: its token's, else the node's."""
@@ -102,6 +115,53 @@ class TunnelManager:
         if grant is not None and grant.limits is not None:
             return grant.limits
         return self.limits
+
+    # -- links and their tokens --------------------------------------------------
+
+    def add_link(self, link) -> None:
+        """An authenticated link: counted with its token's others."""
+        self.links.add(link)
+        self._links_by_token.setdefault(_token_id(link), set()).add(link)
+
+    def _drop_link(self, link) -> None:
+        self.links.discard(link)
+        token_id = _token_id(link)
+        links = self._links_by_token.get(token_id)
+        if links is not None:
+            links.discard(link)
+            if not links:
+                del self._links_by_token[token_id]
+
+    def apply_grants(self, grant_of) -> None:
+        """The tokens file changed: live links get their token's new grant
+        (new limits apply to their next tunnels and visitors); links of a
+        token that is gone are closed (AUTH_FAILED) and their tunnels ended
+        at once. `grant_of(token_id)` is the new grant, or None."""
+        revoked = []
+        for link in list(self.links):
+            grant = getattr(link, "grant", None)
+            if grant is None:
+                continue
+            new = grant_of(grant.token_id)
+            if new is None:
+                revoked.append(link)
+            else:
+                link.grant = new
+        for tunnel_id, buckets in self._buckets.items():
+            tunnel = self._local.get(tunnel_id)
+            link = tunnel.pick_link() if tunnel is not None else None
+            if link is not None:
+                rate = self.limits_of(link).bandwidth_bytes_per_second
+                if rate:
+                    for bucket in buckets:
+                        bucket.set_rate(rate)
+        for link in revoked:
+            self._log.info(
+                "token {token} of tenant {tenant} revoked: closing agent {agent}",
+                token=link.grant.token_id, tenant=link.grant.tenant, agent=link.session_id,
+            )
+            link.graceful = True  # its tunnels end now: nobody may reclaim them with this token
+            link.close_link(ErrorCode.AUTH_FAILED, "token revoked")
 
     @property
     def tunnels(self) -> dict[str, Tunnel]:
@@ -147,7 +207,8 @@ class TunnelManager:
                         lambda addr, local, e=endpoint: self.visitor_protocol(tunnel, e, addr, local)
                     )
                     endpoint.port = yield self.ports.bind(
-                        factory, claim=lambda port, e=endpoint: self.directory.claim_port(port, tunnel, e)
+                        factory, claim=lambda port, e=endpoint: self.directory.claim_port(port, tunnel, e),
+                        within=self.limits_of(link).port_range,
                     )
                     endpoint.host = self.public_host
                 else:
@@ -167,6 +228,9 @@ class TunnelManager:
         yield self.directory.attach_link(tunnel, link, replace=True)
         self._local[tunnel_id] = tunnel
         self._by_link.setdefault(link, set()).add(tunnel_id)
+        token_id = _token_id(link)
+        self._tunnels_by_token.setdefault(token_id, set()).add(tunnel_id)
+        self._token_of[tunnel_id] = token_id
         kinds = {e.kind for e in tunnel.endpoints}
         self.metrics.tunnel_opened(tunnel_id, kinds.pop() if len(kinds) == 1 else "mixed")
         self._log.info(
@@ -215,15 +279,49 @@ class TunnelManager:
             return None
         limits = self.limits_of(link)
         if link.stream_count(tunnel.tunnel_id) >= limits.max_streams_per_tunnel:
-            self.metrics.visitor_refused(tunnel.tunnel_id, "streams_per_tunnel")
-            return None
+            return self._refuse(tunnel, link, "streams_per_tunnel", limits.max_streams_per_tunnel)
         if len(link.streams) >= limits.max_streams_per_link:
-            self.metrics.visitor_refused(tunnel.tunnel_id, "streams_per_link")
-            return None
+            return self._refuse(tunnel, link, "streams_per_link", limits.max_streams_per_link)
+        if limits.token_max_streams is not None:
+            # Only a capped token pays for this count: its own links, usually one or two.
+            streams = sum(len(other.streams) for other in self._links_by_token.get(_token_id(link), ()))
+            if streams >= limits.token_max_streams:
+                return self._refuse(tunnel, link, "streams_per_token", limits.token_max_streams)
         if not self._take_stream_token(tunnel, limits):
-            self.metrics.visitor_refused(tunnel.tunnel_id, "new_streams_rate")
-            return None
+            return self._refuse(tunnel, link, "new_streams_rate", limits.new_streams_per_second)
         return link
+
+    def _refuse(self, tunnel: Tunnel, link, reason: str, limit) -> None:
+        """A visitor over a limit: counted by reason; one log line per token and reason per burst."""
+        self.metrics.visitor_refused(tunnel.tunnel_id, reason)
+        key = (_token_id(link), reason)
+        now = self.reactor.seconds()
+        logged = self._refusal_logged_at.get(key)
+        if logged is None or now - logged >= REFUSAL_LOG_SECONDS:
+            if len(self._refusal_logged_at) >= 1024:
+                self._refusal_logged_at.clear()  # bounded: a lost line at worst
+            self._refusal_logged_at[key] = now
+            grant = getattr(link, "grant", None)
+            self._log.warn(
+                "tunnel {tunnel} (tenant {tenant}): refusing visitors over the limit {reason} ({limit:g}); "
+                "next line in {seconds:g}s at most",
+                tunnel=tunnel.tunnel_id, tenant=getattr(grant, "tenant", "?"), reason=reason,
+                limit=limit, seconds=REFUSAL_LOG_SECONDS,
+            )
+        return None
+
+    def splice_for(self, tunnel: Tunnel, link) -> Splice:
+        """The splice of a new visitor: throttled when its token caps bandwidth.
+        Side a reads the visitor, side b the stream."""
+        rate = self.limits_of(link).bandwidth_bytes_per_second
+        if not rate:
+            return Splice()
+        buckets = self._buckets.get(tunnel.tunnel_id)
+        if buckets is None:
+            buckets = self._buckets[tunnel.tunnel_id] = (
+                TokenBucket(rate, self.reactor), TokenBucket(rate, self.reactor),
+            )
+        return ThrottledSplice(self.reactor, *buckets)
 
     def _take_stream_token(self, tunnel: Tunnel, limits: SessionLimits) -> bool:
         """The tunnel's new-stream token bucket: refill by elapsed time, take one."""
@@ -262,6 +360,13 @@ class TunnelManager:
             return []
         del self._local[tunnel.tunnel_id]
         self.grace.cancel(tunnel.tunnel_id)
+        self._buckets.pop(tunnel.tunnel_id, None)
+        token_id = self._token_of.pop(tunnel.tunnel_id, None)
+        held = self._tunnels_by_token.get(token_id)
+        if held is not None:
+            held.discard(tunnel.tunnel_id)
+            if not held:
+                del self._tunnels_by_token[token_id]
         links, tunnel.links = tunnel.links, []
         for link in links:
             self._by_link.get(link, set()).discard(tunnel.tunnel_id)
@@ -293,7 +398,7 @@ class TunnelManager:
     def link_lost(self, link, graceful: bool) -> None:
         """A link ended: its tunnels end too (agent said goodbye), or wait in
         grace once no other link serves them."""
-        self.links.discard(link)
+        self._drop_link(link)
         served = self._by_link.pop(link, set())
         for tunnel in [self._local[i] for i in served if i in self._local]:
             d = self.directory.detach_link(tunnel, link)
@@ -318,6 +423,10 @@ class TunnelManager:
         held = [self._local[i] for i in self._by_link.get(link, ()) if i in self._local]
         if len(held) + 1 > limits.max_tunnels:
             raise LimitExceededError(None, f"tunnels per session: at most {limits.max_tunnels}")
+        if limits.token_max_tunnels is not None:
+            # Live and in grace, over every link of the token.
+            if len(self._tunnels_by_token.get(_token_id(link), ())) + 1 > limits.token_max_tunnels:
+                raise LimitExceededError(None, f"tunnels of this token: at most {limits.token_max_tunnels}")
         ports = sum(e.kind == "tcp" for t in held for e in t.endpoints)
         wanted_ports = sum(s.kind == "tcp" for s in request.services)
         if ports + wanted_ports > limits.max_ports:
@@ -380,3 +489,8 @@ class TunnelManager:
                 item["bytes_out"] = counts["bytes_out"]
             out.append(item)
         return out
+
+
+def _token_id(link) -> str:
+    grant = getattr(link, "grant", None)
+    return grant.token_id if grant is not None else ""

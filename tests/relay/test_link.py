@@ -32,6 +32,14 @@ class FakeRegistry:
         self.tunnels = {}
         self.lost = []
 
+    def add_link(self, link):
+        self.links.add(link)
+
+    def splice_for(self, tunnel, link):
+        from relay.wire.splice import Splice
+
+        return Splice()
+
     def link_lost(self, link, graceful):
         self.lost.append((link, graceful))
 
