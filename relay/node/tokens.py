@@ -392,7 +392,10 @@ class TokenStore:
             "tokens file loaded: {count} token(s) of {tenants} tenant(s)", count=len(records), tenants=tenants,
         )
         for listener in list(self.on_reload):
-            listener(self)
+            try:
+                listener(self)
+            except Exception:  # a bug there must not stop the periodic check
+                self._log.failure("applying the new tokens failed")
         return True
 
     def reload_if_changed(self) -> None:
