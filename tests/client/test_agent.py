@@ -23,6 +23,7 @@ from client.config import ServiceSpec, TunnelSpec
 from client.errors import (
     AuthenticationError,
     BadServiceNameError,
+    LimitExceededError,
     NoPortsAvailableError,
     ReclaimFailedError,
     RelayUnreachableError,
@@ -575,6 +576,46 @@ def test_auth_failed_goaway_fails_with_authentication_error():
     assert error.value.exit_code == 3
     assert [f.type for f in opened_errors] == [AuthenticationError]
     assert relay.link.closed and relay.transport.disconnecting
+
+
+def test_a_limit_refusal_keeps_the_other_tunnels_and_the_last_one_ends_the_agent():
+    """With fail_on_refusal (the CLI) a limit_exceeded reply ends only that tunnel, named in one
+    warning, while others are open or opening; once none is left the agent ends with exit code 6."""
+    agent = TunnelAgent(MemoryReactorClock(), RELAY, TOKEN, specs=[tcp_spec(8000), tcp_spec(8001), tcp_spec(8002)])
+    relay = Relay(agent)
+    relay.accept()
+    first, second, third = relay.requests()
+    relay.grant(first, "tunnel1", 20001, secret=SECRET)
+    limit = control.request_error(RequestErrorCode.LIMIT_EXCEEDED, "tunnels of this token: at most 1")
+    with capturedLogs() as events:
+        relay.reply(control.error_reply(second["id"], limit))
+        relay.reply(control.error_reply(third["id"], limit))
+    assert not agent.done.called and [t.status for t in agent.tunnels] == ["live"]
+    warnings = [e for e in events if "keeping the other tunnels" in e.get("log_format", "")]
+    assert len(warnings) == 2 and "tunnels of this token: at most 1" in str(warnings[0]["error"])
+    # Alone, a refused tunnel ends the agent with the limit's error.
+    lonely = TunnelAgent(MemoryReactorClock(), RELAY, TOKEN, specs=[tcp_spec(8000)])
+    relay = Relay(lonely)
+    relay.accept()
+    (request,) = relay.requests()
+    relay.reply(control.error_reply(request["id"], limit))
+    error = failure_of(lonely.done)
+    assert error.check(LimitExceededError) and error.value.exit_code == 6
+    assert "tunnels of this token: at most 1" in str(error.value)
+
+
+def test_a_revoked_token_ends_the_agent_saying_so():
+    """GOAWAY(AUTH_FAILED, "token revoked") on a live link ends the agent (exit 3) with the relay's reason."""
+    agent = TunnelAgent(MemoryReactorClock(), RELAY, TOKEN, specs=[tcp_spec()])
+    relay = Relay(agent)
+    relay.accept()
+    (request,) = relay.requests()
+    relay.grant(request, "tunnel1", 20001, secret=SECRET)
+    relay.mux.close(ErrorCode.AUTH_FAILED, "token revoked")
+    relay.deliver()
+    error = failure_of(agent.done)
+    assert error.check(AuthenticationError) and error.value.exit_code == 3
+    assert "token revoked" in str(error.value)
 
 
 @pytest.mark.parametrize("code", [ErrorCode.NO_ERROR, ErrorCode.SESSION_REPLACED, ErrorCode.INTERNAL_ERROR])
