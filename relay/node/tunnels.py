@@ -45,6 +45,8 @@ from relay.wire.throttle import ThrottledSplice, TokenBucket
 DEFAULT_GRACE_SECONDS = 60.0
 # At most one log line per token and reason this often for refused visitors.
 REFUSAL_LOG_SECONDS = 10.0
+# The rate a live throttled splice gets when its cap is lifted: never in debt.
+UNCAPPED_BYTES_PER_SECOND = 10**12
 
 
 class GraceTimers:
@@ -147,14 +149,21 @@ class TunnelManager:
                 revoked.append(link)
             else:
                 link.grant = new
-        for tunnel_id, buckets in self._buckets.items():
+        for tunnel_id, buckets in list(self._buckets.items()):
             tunnel = self._local.get(tunnel_id)
             link = tunnel.pick_link() if tunnel is not None else None
-            if link is not None:
-                rate = self.limits_of(link).bandwidth_bytes_per_second
-                if rate:
-                    for bucket in buckets:
-                        bucket.set_rate(rate)
+            if link is None:
+                continue
+            rate = self.limits_of(link).bandwidth_bytes_per_second
+            if not rate:
+                # Cap lifted: new visitors get the plain splice; live ones stop waiting.
+                del self._buckets[tunnel_id]
+                for bucket in buckets:
+                    bucket.set_rate(UNCAPPED_BYTES_PER_SECOND)
+                    bucket.tokens = float(bucket.burst)
+                continue
+            for bucket in buckets:
+                bucket.set_rate(rate)
         for link in revoked:
             self._log.info(
                 "token {token} of tenant {tenant} revoked: closing agent {agent}",

@@ -251,6 +251,11 @@ def test_a_reload_changes_the_rate_of_a_live_tunnel(tmp_path):
     t.write(TokenLimits(bandwidth=2_000_000))
     t.store.reload()
     assert side.bucket.rate == 2_000_000 and side.other.bucket.rate == 2_000_000
+    t.write(TokenLimits())  # the cap lifted: live visitors stop waiting, new ones get the plain splice
+    t.store.reload()
+    assert side.bucket.charge(10**9) == 0.0
+    [new_side] = _visit(t.node, port, 1, 41000)
+    assert type(new_side.splice) is Splice
 
 
 @pytest.mark.parametrize("rate", [1024, 10**6])
