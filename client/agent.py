@@ -176,11 +176,15 @@ class AgentLink(MuxLink):
         tunnel = self.agent.tunnels_by_id.get(tunnel_id) if isinstance(tunnel_id, str) else None
         service = tunnel.service(service_name) if tunnel is not None and isinstance(service_name, str) else None
         if service is None:
+            self.agent.metrics.visitor_refused(tunnel_id if tunnel is not None else None, "no_such_service")
             self.mux.reset(stream_id, ErrorCode.REFUSED_STREAM, "no such tunnel or service on this agent")
             return
         if len(self.streams) >= MAX_STREAMS_PER_LINK or self.dials_in_progress >= MAX_DIALS_IN_PROGRESS:
             # A hostile (or overloaded) relay's flood of OPENs: refuse the
             # excess at once instead of dialling the service for each.
+            busy = "streams_per_link" if len(self.streams) >= MAX_STREAMS_PER_LINK else "dials_in_progress"
+            self.agent.metrics.visitor_refused(tunnel_id, "agent_busy")
+            self.agent.metrics.limit_hit(busy, None)
             self.mux.reset(stream_id, ErrorCode.REFUSED_STREAM, "agent busy")
             self.flush_soon()
             return
@@ -190,6 +194,7 @@ class AgentLink(MuxLink):
                 context = self.agent.server_context(service)
             except ConfigurationError as e:
                 self._log.warn("cannot terminate TLS for {target}: {error}", target=service.target, error=e)
+                self.agent.metrics.visitor_refused(tunnel_id, "agent_tls_unavailable")
                 self.mux.reset(stream_id, ErrorCode.CONNECT_FAILED, "agent TLS not available")
                 return
         # splice.a: the service's TCP connection; splice.b: the stream, or the
@@ -313,6 +318,7 @@ class _ServiceDial(ClientFactory):
         )
         stream = self.link.streams.get(self.stream_id)
         if stream is not None:
+            self.link.agent.metrics.visitor_refused(self.tunnel.tunnel_id, "connect_failed")
             stream.reset(ErrorCode.CONNECT_FAILED, "service unreachable")
 
 
@@ -653,8 +659,9 @@ class TunnelAgent:
             self._log.warn("{error}", error=tunnel.error)
             self.on_tunnel(tunnel, "lost")
             return
-        if tunnel.tunnel_id is not None:
-            self.tunnels_by_id.pop(tunnel.tunnel_id, None)
+        old_id = tunnel.tunnel_id
+        if old_id is not None:
+            self.tunnels_by_id.pop(old_id, None)
         tunnel.tunnel_id = tunnel_id
         tunnel.endpoints = new_endpoints
         if secret:
@@ -674,6 +681,10 @@ class TunnelAgent:
             self._log.info("{urls} is live again", urls=" ".join(tunnel.urls))
         else:
             event = "moved"
+            if old_id != tunnel_id:  # a new tunnel id: the old one's series end (relay/wire/prommetrics.py)
+                kinds = {e.kind for e in tunnel.endpoints}
+                self.metrics.tunnel_closed(old_id, "expired")
+                self.metrics.tunnel_opened(tunnel_id, kinds.pop() if len(kinds) == 1 else "mixed")
             self._log.warn(
                 "{old} expired while the link was down; the tunnel is now {urls}",
                 old=" ".join(old_urls), urls=" ".join(tunnel.urls),

@@ -14,6 +14,7 @@ import json
 import os
 import resource
 import sys
+import time
 
 from client.errors import ConfigurationError, TunnelError
 
@@ -79,6 +80,18 @@ def _add_common_options(command: argparse.ArgumentParser) -> None:
         help="declare the link dead after this much silence (default 30)",
     )
     relay.add_argument("-v", "--verbose", action="store_true", help="log debug detail")
+    relay.add_argument(
+        "--log-format", choices=("text", "json"), default=None,
+        help="text (default) or json: one JSON object per line on stderr (time, level, namespace, message)",
+    )
+    relay.add_argument(
+        "--metrics-port", metavar="[HOST:]PORT", default=None,
+        help="serve Prometheus /metrics on this port (docs/metrics.md); HOST defaults to --metrics-interface",
+    )
+    relay.add_argument(
+        "--metrics-interface", metavar="ADDR", default=None,
+        help="address --metrics-port binds (default 127.0.0.1; keep it private: tunnel ids name hostnames)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -183,10 +196,33 @@ def _settings(args) -> dict:
         cert=pick("cert"),
         key=pick("key"),
     )
+    log_format = pick("log_format") or "text"
+    if log_format not in ("text", "json"):
+        raise ConfigurationError(f"log_format must be text or json, not {log_format!r}")
     return {
         "relay": relay, "token": token, "ca": ca, "specs": specs,
-        "max_retries": max_retries, "json": bool(pick("json")),
+        "max_retries": max_retries, "json": bool(pick("json")), "log_format": log_format,
+        "metrics": _metrics_address(pick("metrics_port"), pick("metrics_interface")),
     }
+
+
+def _metrics_address(port, interface) -> tuple[str, int] | None:
+    """(host, port) for --metrics-port: `9100` binds 127.0.0.1:9100 (or
+    --metrics-interface), `HOST:PORT` or `[IPv6]:PORT` binds HOST; 0 picks a free port."""
+    if port is None or port == "":
+        return None
+    host, text = str(interface) if interface else "127.0.0.1", str(port).strip()
+    if text.startswith("[") and "]:" in text:
+        host, text = text[1:].split("]:", 1)
+    elif text.count(":") == 1:
+        host, text = text.split(":")
+    try:
+        number = int(text)
+    except ValueError:
+        raise ConfigurationError(f"--metrics-port wants [HOST:]PORT, e.g. 9100 or 127.0.0.1:9100, not {port!r}") from None
+    if not 0 <= number <= 65535 or not host:
+        raise ConfigurationError(f"--metrics-port {port!r}: need a host and a port in 0-65535")
+    return host, number
 
 
 def _raise_open_file_limit() -> None:
@@ -198,7 +234,7 @@ def _raise_open_file_limit() -> None:
             pass
 
 
-def _start_logging(verbose: bool) -> None:
+def _start_logging(verbose: bool, log_format: str = "text") -> None:
     from twisted.logger import (
         FileLogObserver,
         FilteringLogObserver,
@@ -217,7 +253,13 @@ def _start_logging(verbose: bool) -> None:
         return f"tunnel-client: {prefix}{text}\n"
 
     predicate = LogLevelFilterPredicate(defaultLogLevel=LogLevel.debug if verbose else LogLevel.info)
-    observer = FilteringLogObserver(FileLogObserver(sys.stderr, format_line), [predicate])
+    if log_format == "json":
+        from relay.wire.jsonlog import json_file_observer
+
+        output = json_file_observer(sys.stderr)
+    else:
+        output = FileLogObserver(sys.stderr, format_line)
+    observer = FilteringLogObserver(output, [predicate])
     globalLogBeginner.beginLoggingTo([observer], redirectStandardIO=False)
 
 
@@ -230,10 +272,40 @@ def _print_tunnel(tunnel, as_json: bool) -> None:
     sys.stdout.flush()
 
 
+def _error(message: str, log_format: str) -> None:
+    """The line an error ends the agent with: JSON too under --log-format json."""
+    if log_format == "json":
+        from twisted.logger import LogLevel
+
+        from relay.wire.jsonlog import json_line
+
+        event = {"log_level": LogLevel.critical, "log_namespace": "tunnel-client", "log_format": "{error}",
+                 "error": message, "log_time": time.time()}
+        sys.stderr.write(json_line(event))
+    else:
+        sys.stderr.write(f"tunnel-client: error: {message}\n")
+    sys.stderr.flush()
+
+
+def _start_metrics(reactor, address: tuple[str, int], agent):
+    """Listen for Prometheus scrapes; a Deferred firing with the port."""
+    from twisted.internet.endpoints import TCP4ServerEndpoint, TCP6ServerEndpoint
+    from twisted.web.server import Site
+
+    from relay.wire.hostcheck import allowed_hosts_for
+    from relay.wire.prommetrics import MetricsPage, metrics_registry
+
+    host, port = address
+    site = Site(MetricsPage(metrics_registry(agent.metrics, "tunnel_agent"), allowed_hosts_for(host)))
+    site.noisy = False
+    endpoint_type = TCP6ServerEndpoint if ":" in host else TCP4ServerEndpoint
+    return endpoint_type(reactor, port, interface=host).listen(site)
+
+
 def _run(args) -> int:
     settings = _settings(args)
     _raise_open_file_limit()
-    _start_logging(args.verbose)
+    _start_logging(args.verbose, settings["log_format"])
 
     try:
         from relay.wire import reactor as relay_reactor
@@ -245,6 +317,7 @@ def _run(args) -> int:
     from twisted.internet.error import ReactorNotRunning
 
     from client.agent import TunnelAgent
+    from relay.wire.metrics import NULL_METRICS
 
     outcome = {"code": 0}
 
@@ -257,7 +330,17 @@ def _run(args) -> int:
         kwargs["keepalive_interval_seconds"] = args.keepalive_interval
     if args.keepalive_timeout is not None:
         kwargs["keepalive_timeout_seconds"] = args.keepalive_timeout
-    agent = TunnelAgent(
+    holder = {}
+    if settings["metrics"] is not None:
+        from relay.wire.prommetrics import PrometheusMetrics
+
+        # The agent's one link, read at scrape time for its open streams' bytes.
+        kwargs["metrics"] = PrometheusMetrics(
+            "agent", live_links=lambda: [link] if (link := holder["agent"].link) is not None else [],
+        )
+    else:
+        kwargs["metrics"] = NULL_METRICS
+    agent = holder["agent"] = TunnelAgent(
         reactor,
         settings["relay"],
         settings["token"],
@@ -270,7 +353,7 @@ def _run(args) -> int:
 
     def failed(failure):
         failure.trap(TunnelError)
-        sys.stderr.write(f"tunnel-client: error: {failure.value}\n")
+        _error(str(failure.value), settings["log_format"])
         outcome["code"] = failure.value.exit_code
 
     def finished(_):
@@ -284,6 +367,25 @@ def _run(args) -> int:
     agent.done.addErrback(failed).addBoth(finished)
     # SIGINT/SIGTERM stop the reactor; say goodbye to the relay first.
     reactor.addSystemEventTrigger("before", "shutdown", agent.stop)
+    if settings["metrics"] is not None:
+        from twisted.logger import Logger
+
+        log = Logger(namespace="tunnel-client")
+
+        def listening(port):
+            address = port.getHost()
+            log.info("metrics on http://{host}:{port}/metrics", host=address.host, port=address.port)
+
+        def cannot_listen(failure):
+            host, port = settings["metrics"]
+            _error(f"cannot listen on --metrics-port {host}:{port}: {failure.getErrorMessage()}",
+                   settings["log_format"])
+            outcome["code"] = ConfigurationError.exit_code
+
+        listen = _start_metrics(reactor, settings["metrics"], agent)
+        listen.addCallbacks(listening, cannot_listen)
+        if outcome["code"]:  # a TCP listen fails at once: no link, no reactor
+            return outcome["code"]
     agent.start()  # raises ConfigurationError (e.g. an unreadable CA) before we block
     reactor.run()
     return outcome["code"]
@@ -294,7 +396,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         code = _run(args)
     except TunnelError as e:
-        sys.stderr.write(f"tunnel-client: error: {e}\n")
+        _error(str(e), getattr(args, "log_format", None) or "text")
         code = e.exit_code
     sys.exit(code)
 

@@ -231,7 +231,8 @@ def build_specs(*, targets=(), services=(), expose_ports=(), unencrypted=False,
 def load_agent_config(path: str) -> dict:
     """An agent TOML file: relay, token, ca, json, alpn, allow, client_ca (a
     file), proxy_protocol, unencrypted, tls_passthrough, forward (a list of
-    targets), and [services] (name = "[HOST:]PORT[:MODE]")."""
+    targets), log_format, metrics_port (9100 or "HOST:PORT"),
+    metrics_interface, and [services] (name = "[HOST:]PORT[:MODE]")."""
     try:
         with open(path, "rb") as f:
             data = tomllib.load(f)
@@ -241,7 +242,8 @@ def load_agent_config(path: str) -> dict:
         raise ConfigurationError(f"config file {path}: {e}") from None
     data = {k.replace("-", "_"): v for k, v in data.items()}
     known = {"relay", "token", "ca", "json", "alpn", "allow", "client_ca", "proxy_protocol",
-             "unencrypted", "tls_passthrough", "forward", "services", "max_retries", "cert", "key"}
+             "unencrypted", "tls_passthrough", "forward", "services", "max_retries", "cert", "key",
+             "log_format", "metrics_port", "metrics_interface"}
     unknown = set(data) - known
     if unknown:
         raise ConfigurationError(f"config file {path}: unknown keys {', '.join(sorted(unknown))}")

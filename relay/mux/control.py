@@ -121,6 +121,10 @@ class LimitExceededError(TunnelRequestError):
 
     default_code = RequestErrorCode.LIMIT_EXCEEDED
 
+    def __init__(self, code: RequestErrorCode | str | None, message: str, limit: str = ""):
+        super().__init__(code, message)
+        self.limit = limit  # which limit, for the metrics (the wire carries only the message)
+
 
 class RelayOverloadedError(TunnelRequestError):
     """The relay itself is out of a resource (file descriptors): try later or elsewhere."""

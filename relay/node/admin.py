@@ -7,61 +7,32 @@ Every request's Host header must name the address the port is bound to
 browser on the relay's machine opens cannot reach this API by rebinding
 its own DNS name to 127.0.0.1 (DNS rebinding), since its Host stays its own.
 Counts come from the metrics observer (relay/wire/metrics.py `Counters`),
-the tunnel list from the node's `TunnelManager`: no counters of its own.
+the tunnel list from the node's `TunnelManager`: no counters of its own;
+`/metrics` is the Prometheus page over the same observer (docs/metrics.md).
 """
 
-import ipaddress
 import json
 
 from klein import Klein
 from twisted.web.resource import Resource
 
-LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
-
-
-def host_of(header: bytes | None) -> str | None:
-    """The host part of a Host header, lower-cased, without port or brackets."""
-    if not header:
-        return None
-    try:
-        text = header.decode("ascii").strip().lower()
-    except UnicodeDecodeError:
-        return None
-    if text.startswith("["):
-        close = text.find("]")
-        return text[1:close] if close > 0 else None
-    host = text.rpartition(":")[0] if text.count(":") == 1 else text
-    return host or None
+from relay.wire.hostcheck import LOOPBACK_NAMES, allowed_hosts_for, host_allowed, host_of  # noqa: F401 (re-exported)
 
 
 class AdminAPI:
     app = Klein()
 
     def __init__(self, tunnels, metrics, started_at: float, clock, *, interface: str = "127.0.0.1",
-                 allowed_hosts=()):
+                 allowed_hosts=(), metrics_page=None):
         self.tunnels = tunnels  # relay.node.tunnels.TunnelManager
         self.metrics = metrics  # relay.wire.metrics.Counters
         self.started_at = started_at
         self.clock = clock
-        self.allowed_hosts = {h.lower() for h in (*LOOPBACK_NAMES, *allowed_hosts)}
-        if interface not in ("0.0.0.0", "::", ""):
-            self.allowed_hosts.add(interface.lower().strip("[]"))
+        self.allowed_hosts = allowed_hosts_for(interface, allowed_hosts)
+        self.metrics_page = metrics_page  # relay.wire.prommetrics.MetricsPage, or None
 
     def host_allowed(self, request) -> bool:
-        header = request.getHeader(b"host")
-        if header is None:
-            # HTTP/1.0 clients (curl -0) may send none; a browser, the only
-            # way a rebinding page reaches us, always does.
-            return True
-        host = host_of(header)
-        if host is None:
-            return False
-        if host in self.allowed_hosts:
-            return True
-        try:
-            return ipaddress.ip_address(host).is_loopback  # 127.0.0.2 and friends
-        except ValueError:
-            return False
+        return host_allowed(request.getHeader(b"host"), self.allowed_hosts)
 
     def resource(self):
         """The web resource to serve: every route behind the Host check."""
@@ -101,6 +72,14 @@ class AdminAPI:
     @app.route("/v1/tunnels", methods=["GET"])
     def tunnels(self, request):
         return self._json(request, {"tunnels": self.tunnels.describe(self.metrics.tunnel)})
+
+    @app.route("/metrics", methods=["GET"])
+    def prometheus(self, request):
+        """Prometheus exposition (docs/metrics.md), rendered at scrape time."""
+        if self.metrics_page is None:
+            request.setResponseCode(404)
+            return self._json(request, {"error": "metrics are off on this node"})
+        return self.metrics_page.render_metrics(request)
 
 
 class _HostChecked(Resource):

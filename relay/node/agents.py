@@ -177,6 +177,7 @@ class RelayLink(MuxLink):
             # yamux's backlog: the agent is not answering OPENs; more visitors
             # would only wait for the deadline. A RST now, one line per burst.
             self.metrics.visitor_refused(tunnel.tunnel_id, "opens_in_flight")
+            self.metrics.limit_hit("opens_in_flight", self.grant.tenant if self.grant else None)
             self._log_refusal_burst(tunnel.tunnel_id)
             return _Refused()
         splice = self.tunnels.splice_for(tunnel, self)
@@ -188,6 +189,7 @@ class RelayLink(MuxLink):
             fd = socket_fd(splice.a.transport)
             if fd is not None and fd > self.factory.visitor_fd_limit:
                 self.metrics.visitor_refused(tunnel.tunnel_id, "out_of_files")
+                self.metrics.limit_hit("open_files", self.grant.tenant if self.grant else None)
                 self.factory.out_of_files()
                 splice.a.transport.abortConnection()  # keeps the reserve for agents and admin
                 return

@@ -62,7 +62,7 @@ class PublicPorts:
             candidates = self.allocator.candidates(MAX_BIND_ATTEMPTS, within)
         except NoFreePortError as e:
             if within is not None:
-                raise LimitExceededError(None, f"public ports of this token ({within[0]}-{within[1]}): {e}") from None
+                raise LimitExceededError(None, f"public ports of this token ({within[0]}-{within[1]}): {e}", "port_range") from None
             raise NoPortsAvailableError(None, str(e)) from None
         for port in candidates:
             self.allocator.claim(port)  # before any yield: no concurrent request takes it
@@ -88,7 +88,7 @@ class PublicPorts:
             return port
         if within is not None:
             raise LimitExceededError(
-                None, f"public ports of this token ({within[0]}-{within[1]}): no bindable port"
+                None, f"public ports of this token ({within[0]}-{within[1]}): no bindable port", "port_range"
             )
         raise NoPortsAvailableError(
             None, f"no bindable port in {self.allocator.low}-{self.allocator.high}"

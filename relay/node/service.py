@@ -18,7 +18,7 @@ from twisted.application import service, strports
 from twisted.application.internet import TimerService
 from twisted.internet.endpoints import quoteStringArgument
 from twisted.internet import defer
-from twisted.logger import Logger
+from twisted.logger import ILogObserver, Logger
 from twisted.python import usage
 from twisted.web.server import Site
 
@@ -28,7 +28,9 @@ from relay.wire.link import DEFAULT_KEEPALIVE_INTERVAL_SECONDS, DEFAULT_KEEPALIV
 from relay.node.listeners import PublicPorts
 from relay.node.ports import PortAllocator
 from relay.node.tunnels import DEFAULT_GRACE_SECONDS, TunnelManager
+from relay.wire.jsonlog import LOG_FORMATS, json_file_observer
 from relay.wire.metrics import Counters
+from relay.wire.prommetrics import MetricsPage, PrometheusMetrics, metrics_registry
 from relay.wire.tcpio import LISTEN_BACKLOG
 
 if sys.version_info >= (3, 11):
@@ -58,6 +60,7 @@ SETTINGS = {
     "keepalive-interval": (DEFAULT_KEEPALIVE_INTERVAL_SECONDS, float, "Seconds between link pings."),
     "keepalive-timeout": (DEFAULT_KEEPALIVE_TIMEOUT_SECONDS, float, "Silence after which a link is dead."),
     "handshake-timeout": (DEFAULT_HANDSHAKE_TIMEOUT_SECONDS, float, "Deadline for an agent connection's TLS handshake and HELLO together, from the TCP accept."),
+    "log-format": ("text", str, "text (twistd's own) or json: one JSON object per line (time, level, namespace, message)."),
 }
 
 
@@ -137,6 +140,8 @@ class Options(usage.Options):
             # A wildcard needs two labels after "*." (OpenSSL refuses *.localhost).
             raise usage.UsageError(f"--domain {self['domain']!r}: use at least two labels, e.g. tunnels.localhost")
         self["domain"] = domain
+        if self["log-format"] not in LOG_FORMATS:
+            raise usage.UsageError(f"--log-format wants one of {', '.join(LOG_FORMATS)}, not {self['log-format']!r}")
         if self["keepalive-timeout"] <= self["keepalive-interval"]:
             raise usage.UsageError("--keepalive-timeout must exceed --keepalive-interval")
 
@@ -175,6 +180,17 @@ class RelayNode(service.MultiService):
         if self.token_store is not None:
             self.token_store.reload()
 
+    log_observer = None  # --log-format json: given to twistd through the application
+
+    def setServiceParent(self, parent):
+        # twistd builds the Application after makeService and then starts its
+        # logging with the application's ILogObserver component if it has one
+        # (twisted/application/app.py AppLogger.start): so `--log-format json`
+        # works as a plugin option, and twistd's own --logger still wins.
+        if self.log_observer is not None and hasattr(parent, "setComponent"):
+            parent.setComponent(ILogObserver, self.log_observer)
+        return super().setServiceParent(parent)
+
     def startService(self):
         super().startService()
         from twisted.internet import reactor
@@ -212,6 +228,18 @@ class RelayNode(service.MultiService):
         return defer.gatherResults([unbound, defer.maybeDeferred(super().stopService)], consumeErrors=True)
 
 
+def _log_file(twistd_options):
+    """Where twistd would write its text log: stdout with -n (or --logfile -),
+    else --logfile (default twistd.log), so --log-format json changes only the format."""
+    from twisted.python import logfile
+
+    twistd_options = twistd_options or {}
+    name = twistd_options.get("logfile") or ""
+    if name == "-" or (not name and twistd_options.get("nodaemon", True)):
+        return sys.stdout
+    return logfile.LogFile.fromFullPath(name or "twistd.log")
+
+
 def makeService(options) -> service.IService:
     from twisted.internet import reactor
 
@@ -228,7 +256,11 @@ def makeService(options) -> service.IService:
     )
     low, high = o["port-range"]
     allocator = PortAllocator(low, high, o["port-quarantine-seconds"], reactor)
-    metrics = Counters()
+    # The Prometheus observer is a Counters too (the admin API reads it);
+    # tenants and live links are looked up in the TunnelManager made next.
+    metrics = PrometheusMetrics(
+        "relay", tenant_of=lambda tunnel_id: tunnels.tenant_of(tunnel_id), live_links=lambda: tunnels.links,
+    )
     tunnels = TunnelManager(
         reactor,
         PublicPorts(reactor, allocator, o["interface"]),
@@ -240,6 +272,8 @@ def makeService(options) -> service.IService:
     )
     node = RelayNode(o, state, tunnels, metrics)
     node.setName("relay")
+    if o["log-format"] == "json":
+        node.log_observer = json_file_observer(_log_file(getattr(options, "parent", None)))
 
     from relay.node.tokens import TokenStore, ensure_tokens_file
 
@@ -297,9 +331,10 @@ def makeService(options) -> service.IService:
     if o["admin-port"]:
         from relay.node.admin import AdminAPI
 
+        allowed = [h.strip() for h in o["admin-allowed-hosts"].split(",") if h.strip()]
         admin = AdminAPI(
-            tunnels, metrics, reactor.seconds(), reactor, interface=o["admin-interface"],
-            allowed_hosts=[h.strip() for h in o["admin-allowed-hosts"].split(",") if h.strip()],
+            tunnels, metrics, reactor.seconds(), reactor, interface=o["admin-interface"], allowed_hosts=allowed,
+            metrics_page=MetricsPage(metrics_registry(metrics, "tunnel_relay"), set()),
         )
         admin_endpoint = f"tcp:{o['admin-port']}:interface={q(o['admin-interface'])}"
         site = Site(admin.resource())

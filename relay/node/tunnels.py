@@ -71,6 +71,12 @@ class GraceTimers:
 
 
 
+def tenant_of_link(link) -> str | None:
+    """The tenant of a session (relay/node/tenants.py Grant), None before login."""
+    grant = getattr(link, "grant", None)
+    return grant.tenant if grant is not None else None
+
+
 class TunnelManager:
     _log = Logger()
 
@@ -172,6 +178,11 @@ class TunnelManager:
             link.graceful = True  # its tunnels end now: nobody may reclaim them with this token
             link.close_link(ErrorCode.AUTH_FAILED, "token revoked")
 
+    def tenant_of(self, tunnel_id: str) -> str | None:
+        """The tenant of the session serving a tunnel (None if no link serves it)."""
+        tunnel = self._local.get(tunnel_id)
+        return tenant_of_link(tunnel.pick_link()) if tunnel is not None else None
+
     @property
     def tunnels(self) -> dict[str, Tunnel]:
         """The tunnels this node holds, by id."""
@@ -191,6 +202,7 @@ class TunnelManager:
             self._check_limits(link, request)
         except LimitExceededError as e:
             self.metrics.allocation_failed(e.code.value)
+            self.metrics.limit_hit(e.limit or "session", tenant_of_link(link))
             self._log.info(
                 "agent {agent}: {error}", agent=link.session_id, error=str(e),
             )
@@ -233,6 +245,8 @@ class TunnelManager:
             self._release(tunnel)
             if isinstance(e, TunnelRequestError):
                 self.metrics.allocation_failed(getattr(e.code, "value", str(e.code)))
+            if isinstance(e, LimitExceededError):  # the token's port range
+                self.metrics.limit_hit(e.limit or "port_range", tenant_of_link(link))
             raise
         yield self.directory.attach_link(tunnel, link, replace=True)
         self._local[tunnel_id] = tunnel
@@ -303,6 +317,7 @@ class TunnelManager:
     def _refuse(self, tunnel: Tunnel, link, reason: str, limit) -> None:
         """A visitor over a limit: counted by reason; one log line per token and reason per burst."""
         self.metrics.visitor_refused(tunnel.tunnel_id, reason)
+        self.metrics.limit_hit(reason, tenant_of_link(link))
         key = (_token_id(link), reason)
         now = self.reactor.seconds()
         logged = self._refusal_logged_at.get(key)
@@ -431,25 +446,25 @@ class TunnelManager:
         limits = self.limits_of(link)
         held = [self._local[i] for i in self._by_link.get(link, ()) if i in self._local]
         if len(held) + 1 > limits.max_tunnels:
-            raise LimitExceededError(None, f"tunnels per session: at most {limits.max_tunnels}")
+            raise LimitExceededError(None, f"tunnels per session: at most {limits.max_tunnels}", "tunnels")
         if limits.token_max_tunnels is not None:
             # Live and in grace, over every link of the token.
             if len(self._tunnels_by_token.get(_token_id(link), ())) + 1 > limits.token_max_tunnels:
-                raise LimitExceededError(None, f"tunnels of this token: at most {limits.token_max_tunnels}")
+                raise LimitExceededError(None, f"tunnels of this token: at most {limits.token_max_tunnels}", "tunnels_per_token")
         ports = sum(e.kind == "tcp" for t in held for e in t.endpoints)
         wanted_ports = sum(s.kind == "tcp" for s in request.services)
         if ports + wanted_ports > limits.max_ports:
-            raise LimitExceededError(None, f"public ports per session: at most {limits.max_ports}")
+            raise LimitExceededError(None, f"public ports per session: at most {limits.max_ports}", "ports")
         hostnames = sum(e.kind == "tls" for t in held for e in t.endpoints)
         wanted_hostnames = len(request.services) - wanted_ports
         if hostnames + wanted_hostnames > limits.max_hostnames:
-            raise LimitExceededError(None, f"hostnames per session: at most {limits.max_hostnames}")
+            raise LimitExceededError(None, f"hostnames per session: at most {limits.max_hostnames}", "hostnames")
         if request.client_ca is not None:
             distinct = {t.client_ca_digest: len(t.client_ca) for t in held if t.client_ca}
             distinct[hashlib.sha256(request.client_ca).digest()] = len(request.client_ca)
             if sum(distinct.values()) > limits.max_client_ca_bytes:
                 raise LimitExceededError(
-                    None, f"client CA bytes per session: at most {limits.max_client_ca_bytes}"
+                    None, f"client CA bytes per session: at most {limits.max_client_ca_bytes}", "client_ca_bytes"
                 )
 
     def _share_client_ca(self, pem: bytes | None) -> bytes | None:

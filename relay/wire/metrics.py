@@ -2,9 +2,10 @@
 
 Protocol code calls an `IMetricsObserver` at each lifecycle event and never
 imports a metrics library: the default, `NullMetrics`, does nothing, and
-`Counters` keeps plain totals that the admin API reads. A Prometheus
-collector (prometheus-client) is one more implementation on top of this
-seam, in a later change; so is anything that aggregates across nodes.
+`Counters` keeps plain totals that the admin API reads. The Prometheus side
+(relay/wire/prommetrics.py) is a `Counters` with a few more figures and a
+collector that reads them at scrape time; anything that aggregates across
+nodes would be one more implementation.
 
 Events are facts in the past tense, with the few fields a dashboard needs.
 Nothing here is called per byte: bytes are counted by the stream and
@@ -54,6 +55,12 @@ class IMetricsObserver(Interface):
     def flow_stalled(link_id: str) -> None:
         """A link's transport filled up and paused its streams' reading."""
 
+    def limit_hit(limit: str, tenant: str | None) -> None:
+        """A limit refused something (limit: tunnels, ports, hostnames,
+        client_ca_bytes, streams_per_tunnel, streams_per_link,
+        new_streams_rate, opens_in_flight, open_files, ...); `tenant` is the
+        session's (relay/node/tenants.py Grant), None where unknown."""
+
 
 @implementer(IMetricsObserver)
 class NullMetrics:
@@ -89,6 +96,9 @@ class NullMetrics:
     def flow_stalled(self, link_id):
         pass
 
+    def limit_hit(self, limit, tenant):
+        pass
+
 
 NULL_METRICS = NullMetrics()
 
@@ -116,6 +126,7 @@ class Counters:
         self.auth_failures = 0
         self.allocation_failures: Counter[str] = Counter()
         self.flow_stalls = 0
+        self.limit_hits: Counter[str] = Counter()
         self.per_tunnel: dict[str, dict[str, int]] = {}
 
     def _tunnel(self, tunnel_id: str) -> dict[str, int]:
@@ -176,6 +187,9 @@ class Counters:
 
     def flow_stalled(self, link_id):
         self.flow_stalls += 1
+
+    def limit_hit(self, limit, tenant):
+        self.limit_hits[limit] += 1
 
     def tunnel(self, tunnel_id: str) -> dict[str, int]:
         """This tunnel's figures (zeros if it has none)."""

@@ -183,6 +183,12 @@ class MuxStream:
             self._reported_open = True
             self.link.metrics.stream_opened(self.tunnel_id, self.link.clock.seconds() - self.opened_at)
 
+    @property
+    def reported_open(self) -> bool:
+        """Whether the observer was told of this stream (a scrape-time
+        collector counts the live bytes of exactly those streams)."""
+        return self._reported_open
+
     def _move(self, stream_input: StreamInput) -> StreamState:
         try:
             self.state = _TRANSITIONS[(self.state, stream_input)]

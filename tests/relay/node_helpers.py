@@ -22,10 +22,12 @@ DOMAIN = "tunnels.example"
 class Node:
     """A TunnelManager, its metrics and an agent-link factory on one MemoryReactorClock."""
 
-    def __init__(self, grace_seconds: float = 60.0, quarantine_seconds: float = 120.0, directory=None, limits=None):
-        """`directory`: a directory class, made with this node's clock (default MemoryDirectory)."""
+    def __init__(self, grace_seconds: float = 60.0, quarantine_seconds: float = 120.0, directory=None, limits=None,
+                 metrics=None):
+        """`directory`: a directory class, made with this node's clock (default MemoryDirectory);
+        `metrics(node)`: the node's metrics observer (default Counters)."""
         self.reactor = MemoryReactorClock()
-        self.metrics = Counters()
+        self.metrics = metrics(self) if metrics is not None else Counters()
         self.allocator = PortAllocator(LOW, HIGH, quarantine_seconds, self.reactor)
         self.tunnels = TunnelManager(
             self.reactor,
