@@ -49,7 +49,7 @@ SETTINGS = {
     "key": (None, str, "Private key (PEM) of --cert."),
     "cert-check-seconds": (30.0, float, "How often to look for a renewed --cert/--key (also on SIGHUP)."),
     "tokens-check-seconds": (2.0, float, "How often to look for a changed tokens file (also on SIGHUP)."),
-    "admin-port": (17080, int, "Admin HTTP port (GET /healthz, GET /v1/tunnels); 0 disables."),
+    "admin-port": (17080, int, "Admin HTTP port (GET /healthz, GET /v1/tunnels, GET /metrics); 0 disables."),
     "admin-interface": ("127.0.0.1", str, "Address the admin port binds; keep it private."),
     "admin-allowed-hosts": ("", str, "Comma-separated extra names the admin API accepts in Host (besides its address and localhost)."),
     "ports": ("20000-29999", str, "Range LO-HI of public ports for unencrypted tunnels."),
