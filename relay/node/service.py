@@ -334,8 +334,8 @@ def makeService(options) -> service.IService:
         allowed = [h.strip() for h in o["admin-allowed-hosts"].split(",") if h.strip()]
         admin = AdminAPI(
             tunnels, metrics, reactor.seconds(), reactor, interface=o["admin-interface"], allowed_hosts=allowed,
-            metrics_page=MetricsPage(metrics_registry(metrics, "tunnel_relay"), set()),
         )
+        admin.metrics_page = MetricsPage(metrics_registry(metrics, "tunnel_relay"), admin.allowed_hosts)
         admin_endpoint = f"tcp:{o['admin-port']}:interface={q(o['admin-interface'])}"
         site = Site(admin.resource())
         site.noisy = False

@@ -162,3 +162,20 @@ def test_log_format_json_is_one_object_per_line_for_both_commands_with_no_secret
     assert any("forwarding tcp://" in json.loads(line)["message"] for line in agent_lines)
     for page in pages:
         assert token not in page
+
+
+def test_a_metrics_port_in_use_is_a_clear_error_and_exit_2(relay):
+    """The agent says it cannot listen on --metrics-port, as one JSON line under --log-format json, and exits 2."""
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        agent = AgentProcess(relay, "forward", "22", "--unencrypted", "--metrics-port", str(port),
+                             "--log-format", "json")
+        assert agent.wait(20) == 2
+    [line] = agent.stderr.all
+    record = json.loads(line)
+    assert record["level"] == "critical" and f"--metrics-port 127.0.0.1:{port}" in record["message"]
+    assert "Traceback" not in line
