@@ -211,18 +211,12 @@ def _metrics_address(port, interface) -> tuple[str, int] | None:
     --metrics-interface), `HOST:PORT` or `[IPv6]:PORT` binds HOST; 0 picks a free port."""
     if port is None or port == "":
         return None
-    host, text = str(interface) if interface else "127.0.0.1", str(port).strip()
-    if text.startswith("[") and "]:" in text:
-        host, text = text[1:].split("]:", 1)
-    elif text.count(":") == 1:
-        host, text = text.split(":")
+    from client.config import parse_host_port
+
     try:
-        number = int(text)
-    except ValueError:
-        raise ConfigurationError(f"--metrics-port wants [HOST:]PORT, e.g. 9100 or 127.0.0.1:9100, not {port!r}") from None
-    if not 0 <= number <= 65535 or not host:
-        raise ConfigurationError(f"--metrics-port {port!r}: need a host and a port in 0-65535")
-    return host, number
+        return parse_host_port(port, str(interface) if interface else "127.0.0.1", lowest_port=0)
+    except ConfigurationError as e:
+        raise ConfigurationError(f"--metrics-port: {e}") from None
 
 
 def _raise_open_file_limit() -> None:

@@ -20,8 +20,9 @@ SERVICE_MODES = {"tls": ("tls", "terminate"), "https": ("tls", "terminate"),
 PROXY_PROTOCOL_VERSIONS = ("v1", "v2")
 
 
-def parse_host_port(text, default_host: str | None = None) -> tuple[str, int]:
-    """'22' -> (default_host, 22); 'db:5432'; '[::1]:22' -> ('::1', 22)."""
+def parse_host_port(text, default_host: str | None = None, *, lowest_port: int = 1) -> tuple[str, int]:
+    """'22' -> (default_host, 22); 'db:5432'; '[::1]:22' -> ('::1', 22).
+    `lowest_port` 0 lets a listening address ask for any free port."""
     text = str(text).strip()
     host, port_text = default_host, text
     if text.startswith("["):
@@ -35,8 +36,8 @@ def parse_host_port(text, default_host: str | None = None) -> tuple[str, int]:
         port = int(port_text)
     except ValueError:
         raise ConfigurationError(f"bad address {text!r}: the port must be a number") from None
-    if not 1 <= port <= 65535 or not host:
-        raise ConfigurationError(f"bad address {text!r}: need [HOST:]PORT with PORT in 1-65535")
+    if not lowest_port <= port <= 65535 or not host:
+        raise ConfigurationError(f"bad address {text!r}: need [HOST:]PORT with PORT in {lowest_port}-65535")
     return host, port
 
 
