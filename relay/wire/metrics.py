@@ -56,9 +56,10 @@ class IMetricsObserver(Interface):
         """A link's transport filled up and paused its streams' reading."""
 
     def limit_hit(limit: str, tenant: str | None) -> None:
-        """A limit refused something (limit: tunnels, ports, hostnames,
-        client_ca_bytes, streams_per_tunnel, streams_per_link,
-        new_streams_rate, opens_in_flight, open_files, ...); `tenant` is the
+        """A limit refused something (limit: tunnels, tunnels_per_token, ports,
+        port_range, hostnames, client_ca_bytes, streams_per_tunnel,
+        streams_per_link, streams_per_token, new_streams_rate,
+        opens_in_flight, open_files, ...); `tenant` is the
         session's (relay/node/tenants.py Grant), None where unknown."""
 
 

@@ -231,3 +231,17 @@ def test_the_agents_metrics_page_serves_only_metrics_to_loopback_names():
     assert status == 200 and b"tunnel_agent_links_active" in body
     assert get(b"/", b"localhost:9100")[0] == 404
     assert get(b"/metrics", b"rebound.example:9100")[0] == 421
+
+
+def test_a_visitor_over_a_stream_limit_is_a_limit_hit_of_its_tenant():
+    """A visitor refused by streams_per_tunnel counts as that refusal and as a limit hit with the session's tenant."""
+    node = Node(limits=SessionLimits(max_streams_per_tunnel=1), metrics=lambda n: PrometheusMetrics(
+        "relay", tenant_of=lambda t: n.tunnels.tenant_of(t), live_links=lambda: n.tunnels.links))
+    agent = node.agent()
+    port = agent.open().body["tunnel"]["port"]
+    visit(node, port)
+    accept_all(agent)
+    assert node.listener(port).buildProtocol(VISITOR) is None
+    samples = scrape(node.metrics)
+    assert value(samples, "tunnel_relay_visitors_refused_total", reason="streams_per_tunnel") == 1
+    assert value(samples, "tunnel_relay_limit_hits_total", limit="streams_per_tunnel", tenant="dev") == 1
