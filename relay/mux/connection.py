@@ -18,13 +18,14 @@ from relay.mux import frames as fr
 from relay.mux.errors import (
     CalmDownError,
     ErrorCode,
+    LinkBufferFullError,
     FlowControlError,
     MuxProtocolError,
     MuxUsageError,
     UnsupportedVersionError,
 )
 from relay.mux.frames import FrameType
-from relay.mux.window import LinkBudget, ReceiveWindow
+from relay.mux.window import MIN_STREAM_WINDOW, LinkBudget, ReceiveWindow, WindowPool
 
 # 256 KiB lets a new stream start fast on loopback and LAN; auto-tuning grows
 # it per stream to cover real round trips (a fixed 256 KiB window caps one
@@ -35,6 +36,18 @@ DEFAULT_MAX_WINDOW = 8 * 1024 * 1024
 # Growth above the initial window lent out per link: bounds what one link can
 # make us buffer beyond n_streams x initial window (cloudflared: 30 MB/conn).
 DEFAULT_LINK_BUDGET = 64 * 1024 * 1024
+# Initial windows of the streams a link opens, in all (window.WindowPool):
+# 16,384 streams x 256 KiB let one link make us buffer 4 GiB; 40 stalled
+# downloads kept the relay 72 MB larger. New streams' windows shrink as the
+# pool fills, and past it no stream opens (the relay refuses the visitor).
+DEFAULT_WINDOW_CAP = 64 * 1024 * 1024
+# Bounds of a window a peer announces (HELLO initial_window, OPEN window).
+MIN_PEER_WINDOW = 1024
+MAX_WINDOW = 2**31 - 1
+# The key of OPEN's metadata that carries the opener's receive window for
+# the stream, when it is not the opener's HELLO initial_window. The core
+# reads and strips it: the application never sees it.
+OPEN_WINDOW_KEY = "window"
 # Frames that do nothing (empty DATA; DATA, WINDOW_UPDATE, FIN or RESET for a
 # stream already gone) add one to a count that each useful frame lowers by
 # one; past this the link ends with GOAWAY(ENHANCE_YOUR_CALM). Races with a
@@ -99,14 +112,15 @@ STREAM_TRANSITIONS = {
 
 
 class _Stream:
-    __slots__ = ("stream_id", "state", "send_window", "recv", "accepted")
+    __slots__ = ("stream_id", "state", "send_window", "recv", "accepted", "pooled")
 
-    def __init__(self, stream_id: int, send_window: int, recv: ReceiveWindow):
+    def __init__(self, stream_id: int, send_window: int, recv: ReceiveWindow, pooled: int = 0):
         self.stream_id = stream_id
         self.state = StreamState.OPEN
         self.send_window = send_window
         self.recv = recv
         self.accepted = False  # ACCEPT sent (peer's stream) or received (ours)
+        self.pooled = pooled  # its initial window, taken from the link's pool (ours only)
 
     def transition(self, stream_input: StreamInput) -> None:
         try:
@@ -126,6 +140,8 @@ class MuxConnection:
         initial_window: int = DEFAULT_INITIAL_WINDOW,
         max_window: int = DEFAULT_MAX_WINDOW,
         link_budget: int = DEFAULT_LINK_BUDGET,
+        window_cap: int = DEFAULT_WINDOW_CAP,
+        min_window: int = MIN_STREAM_WINDOW,
         max_useless_frames: int = MAX_USELESS_FRAMES,
     ):
         self.role = role
@@ -138,6 +154,9 @@ class MuxConnection:
         self.initial_window = initial_window
         self.max_window = max_window
         self.budget = LinkBudget(link_budget)
+        if not MIN_PEER_WINDOW <= min_window <= window_cap:
+            raise MuxUsageError(f"window cap {window_cap} with a floor of {min_window}")
+        self.window_pool = WindowPool(window_cap, min_window)
         # The peer's initial window, learned from its HELLO.
         self.peer_initial_window = DEFAULT_INITIAL_WINDOW
         self.streams: dict[int, _Stream] = {}
@@ -199,17 +218,36 @@ class MuxConnection:
         self._require_open()
         self._queue_control(fr.encode_json(FrameType.CONTROL, 0, message))
 
+    def next_stream_window(self) -> int:
+        """The receive window a stream opened now would get; 0: the link's
+        window cap is reached and `open_stream` would refuse."""
+        return self.window_pool.offer(self.initial_window)
+
     def open_stream(self, metadata: dict) -> int:
+        """Open a stream (OPEN with `metadata`). Its receive window comes from
+        the link's pool: smaller as the pool fills (the OPEN says so), and
+        `LinkBufferFullError` past the cap (check `next_stream_window()`)."""
         self._require_open()
+        if OPEN_WINDOW_KEY in metadata:
+            raise MuxUsageError(f"{OPEN_WINDOW_KEY!r} in OPEN metadata is the protocol's")
         stream_id = self._next_stream_id
         if stream_id > fr.MAX_STREAM_ID:
             raise MuxUsageError("stream ids exhausted on this link; open a new link")
+        window = self.window_pool.take(self.initial_window)
+        if window == 0:
+            raise LinkBufferFullError(
+                f"{self.window_pool.granted} bytes of stream windows granted, cap {self.window_pool.cap}"
+            )
         self._next_stream_id += 2
         self.streams[stream_id] = _Stream(
             stream_id,
             self.peer_initial_window,
-            ReceiveWindow(self.initial_window, self.max_window),
+            ReceiveWindow(window, self.max_window),
+            pooled=window,
         )
+        if window != self.initial_window:
+            metadata = dict(metadata)
+            metadata[OPEN_WINDOW_KEY] = window  # the peer's send window for this stream
         self._queue_control(fr.encode_json(FrameType.OPEN, stream_id, metadata))
         self.opens_in_flight += 1
         return stream_id
@@ -352,6 +390,8 @@ class MuxConnection:
         if stream.state is StreamState.CLOSED:
             del self.streams[stream.stream_id]
             stream.recv.release(self.budget)
+            if stream.pooled:
+                self.window_pool.release(stream.pooled)
             if not stream.accepted and not self._is_peer_id(stream.stream_id):
                 self.opens_in_flight -= 1  # ended before the peer accepted it
             self._race_allowance = min(self._race_allowance + RACE_FRAMES_PER_STREAM, MAX_RACE_ALLOWANCE)
@@ -403,7 +443,7 @@ class MuxConnection:
                 f"peer speaks version {info.get('version')!r}; this side speaks {fr.PROTOCOL_VERSION}"
             )
         window = info.get("initial_window", DEFAULT_INITIAL_WINDOW)
-        if not isinstance(window, int) or not 1024 <= window <= 2**31 - 1:
+        if type(window) is not int or not MIN_PEER_WINDOW <= window <= MAX_WINDOW:
             raise MuxProtocolError(f"bad initial_window {window!r}")
         self.peer_initial_window = window
         self.peer_hello = info
@@ -426,10 +466,17 @@ class MuxConnection:
         if stream_id <= self._highest_peer_stream_id:
             raise MuxProtocolError(f"OPEN reuses stream id {stream_id}")
         metadata = fr.decode_json(payload)
+        send_window = self.peer_initial_window
+        if OPEN_WINDOW_KEY in metadata:
+            # The opener's receive window for this stream, smaller than its
+            # HELLO's as its link nears its cap: our send window starts there.
+            send_window = metadata.pop(OPEN_WINDOW_KEY)
+            if type(send_window) is not int or not MIN_PEER_WINDOW <= send_window <= MAX_WINDOW:
+                raise MuxProtocolError(f"OPEN of stream {stream_id}: bad window {send_window!r}")
         self._highest_peer_stream_id = stream_id
         self.streams[stream_id] = _Stream(
             stream_id,
-            self.peer_initial_window,
+            send_window,
             ReceiveWindow(self.initial_window, self.max_window),
         )
         return ev.StreamOpened(stream_id, metadata)

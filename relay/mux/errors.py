@@ -69,3 +69,8 @@ class CalmDownError(MuxProtocolError):
 class MuxUsageError(MuxError):
     """Local misuse of the API (e.g. writing after FIN). Never on the wire."""
 
+
+
+class LinkBufferFullError(MuxUsageError):
+    """`open_stream` past the link's window cap: the caller refuses whatever
+    wanted the stream (the relay closes the visitor). Local, never on the wire."""

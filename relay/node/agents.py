@@ -13,7 +13,8 @@ import secrets
 from twisted.internet.protocol import Protocol, ServerFactory
 from twisted.logger import Logger
 
-from relay.mux import ErrorCode, MuxConnection, Role
+from relay.mux import ErrorCode, LinkBufferFullError, MuxConnection, Role
+from relay.mux.connection import DEFAULT_LINK_BUDGET, DEFAULT_WINDOW_CAP
 from relay.mux import control
 from relay.mux.control import CloseTunnel, OpenTunnel, TunnelRequestError
 from relay.node.limits import FD_RESERVE, visitor_fd_limit
@@ -32,14 +33,26 @@ DEFAULT_OPEN_TIMEOUT_SECONDS = 10.0
 # accept backlog is 256).
 DEFAULT_MAX_OPENS_IN_FLIGHT = 256
 RELAY_AGENT_NAME = "tunnel-relay/0.1"
+# What one agent link may make the relay buffer, in all: half for the initial
+# windows of its visitor streams (which shrink as it fills; past it visitors
+# are refused), half for window growth (docs/protocol.md, "Flow control").
+DEFAULT_LINK_BUFFER_CAP = DEFAULT_WINDOW_CAP + DEFAULT_LINK_BUDGET
+# Refused visitors: one log line per reason per burst, this often at most.
+REFUSAL_LOG_SECONDS = BUSY_LOG_SECONDS
+
+
+def link_buffer_split(cap_bytes: int) -> tuple[int, int]:
+    """(window cap, growth budget) of a link-buffer cap: half each."""
+    return cap_bytes // 2, cap_bytes - cap_bytes // 2
 
 
 class RelayLink(MuxLink):
     _log = Logger()
 
     def __init__(self, factory: "AgentLinkFactory", source: str = "?"):
+        window_cap, growth_budget = link_buffer_split(factory.link_buffer_cap)
         super().__init__(
-            MuxConnection(Role.RELAY),
+            MuxConnection(Role.RELAY, window_cap=window_cap, link_budget=growth_budget),
             factory.reactor,
             keepalive_interval_seconds=factory.keepalive_interval_seconds,
             keepalive_timeout_seconds=factory.keepalive_timeout_seconds,
@@ -56,7 +69,7 @@ class RelayLink(MuxLink):
         self._handshake_call = None
         self._open_deadlines: dict[int, float] = {}  # stream id -> when its open times out
         self._open_timer = None
-        self._refusal_logged_at = None
+        self._refusal_logged_at: dict[str, float] = {}  # reason -> when its burst was logged
         self.source = source  # the peer's address, for the login guard
         self.accepted_at = self.clock.seconds()  # TCP accept: TLS and HELLO share one deadline
         self._login_pending = True  # counted by the login guard until it ends
@@ -176,9 +189,12 @@ class RelayLink(MuxLink):
         if self.mux.opens_in_flight >= self.factory.max_opens_in_flight:
             # yamux's backlog: the agent is not answering OPENs; more visitors
             # would only wait for the deadline. A RST now, one line per burst.
-            self.metrics.visitor_refused(tunnel.tunnel_id, "opens_in_flight")
-            self.metrics.limit_hit("opens_in_flight", self.grant.tenant if self.grant else None)
-            self._log_refusal_burst(tunnel.tunnel_id)
+            self._refuse_visitor(tunnel.tunnel_id, "opens_in_flight")
+            return _Refused()
+        if self.mux.next_stream_window() == 0:
+            # The link's stream windows add up to its cap: a new stream would
+            # let the agent make us buffer more than it (stalled visitors).
+            self._refuse_visitor(tunnel.tunnel_id, "link_buffer_cap")
             return _Refused()
         splice = self.tunnels.splice_for(tunnel, self)
 
@@ -193,7 +209,13 @@ class RelayLink(MuxLink):
                 self.factory.out_of_files()
                 splice.a.transport.abortConnection()  # keeps the reserve for agents and admin
                 return
-            stream = self.open_stream(metadata, splice.b)
+            try:
+                stream = self.open_stream(metadata, splice.b)
+            except LinkBufferFullError:
+                # Filled up since the visitor was accepted (a TLS handshake, a burst).
+                self._refuse_visitor(tunnel.tunnel_id, "link_buffer_cap")
+                splice.a.transport.abortConnection()
+                return
             self._open_deadlines[stream.stream_id] = self.clock.seconds() + self.factory.open_timeout_seconds
             if self._open_timer is None:
                 self._open_timer = self.clock.callLater(self.factory.open_timeout_seconds, self._opens_overdue)
@@ -240,13 +262,26 @@ class RelayLink(MuxLink):
             first = next(iter(deadlines.values()))
             self._open_timer = self.clock.callLater(max(first - now, 0.0), self._opens_overdue)
 
-    def _log_refusal_burst(self, tunnel_id: str) -> None:
+    def _refuse_visitor(self, tunnel_id: str, reason: str) -> None:
+        """Count a refused visitor; log its reason once per burst, not per visitor."""
+        self.metrics.visitor_refused(tunnel_id, reason)
+        self.metrics.limit_hit(reason, self.grant.tenant if self.grant else None)
         now = self.clock.seconds()
-        if self._refusal_logged_at is None or now - self._refusal_logged_at >= BUSY_LOG_SECONDS:
-            self._refusal_logged_at = now
+        logged_at = self._refusal_logged_at.get(reason)
+        if logged_at is not None and now - logged_at < REFUSAL_LOG_SECONDS:
+            return
+        self._refusal_logged_at[reason] = now
+        if reason == "opens_in_flight":
             self._log.warn(
                 "agent {agent}: {count} opens unanswered: refusing new visitors of tunnel {tunnel} for now",
                 agent=self.session_id, count=self.mux.opens_in_flight, tunnel=tunnel_id,
+            )
+        else:
+            pool = self.mux.window_pool
+            self._log.warn(
+                "agent {agent}: stream windows of {granted} bytes reach the link's cap of {cap}: "
+                "refusing new visitors of tunnel {tunnel} for now",
+                agent=self.session_id, granted=pool.granted, cap=pool.cap, tunnel=tunnel_id,
             )
 
     def close_visitors(self, tunnel) -> None:
@@ -314,7 +349,9 @@ class AgentLinkFactory(ServerFactory):
         login_guard: LoginGuard | None = None,
         open_timeout_seconds: float = DEFAULT_OPEN_TIMEOUT_SECONDS,
         max_opens_in_flight: int = DEFAULT_MAX_OPENS_IN_FLIGHT,
+        link_buffer_cap: int = DEFAULT_LINK_BUFFER_CAP,
     ):
+        self.link_buffer_cap = link_buffer_cap
         self.open_timeout_seconds = open_timeout_seconds
         self.max_opens_in_flight = max_opens_in_flight
         self.visitor_fd_limit = visitor_fd_limit()

@@ -22,7 +22,12 @@ from twisted.logger import ILogObserver, Logger
 from twisted.python import usage
 from twisted.web.server import Site
 
-from relay.node.agents import DEFAULT_HANDSHAKE_TIMEOUT_SECONDS, AgentLinkFactory, AgentPortFactory
+from relay.node.agents import (
+    DEFAULT_HANDSHAKE_TIMEOUT_SECONDS,
+    DEFAULT_LINK_BUFFER_CAP,
+    AgentLinkFactory,
+    AgentPortFactory,
+)
 from relay.mux import ErrorCode
 from relay.wire.link import DEFAULT_KEEPALIVE_INTERVAL_SECONDS, DEFAULT_KEEPALIVE_TIMEOUT_SECONDS
 from relay.node.listeners import PublicPorts
@@ -61,7 +66,10 @@ SETTINGS = {
     "keepalive-timeout": (DEFAULT_KEEPALIVE_TIMEOUT_SECONDS, float, "Silence after which a link is dead."),
     "handshake-timeout": (DEFAULT_HANDSHAKE_TIMEOUT_SECONDS, float, "Deadline for an agent connection's TLS handshake and HELLO together, from the TCP accept."),
     "log-format": ("text", str, "text (twistd's own) or json: one JSON object per line (time, level, namespace, message)."),
+    "link-buffer-cap": (DEFAULT_LINK_BUFFER_CAP, int, "Advanced: bytes one agent link may make the relay buffer (half for new streams' windows, which shrink as it fills; past it visitors are refused; half for window growth)."),
 }
+# Smallest --link-buffer-cap: room for a few streams at the smallest window.
+MIN_LINK_BUFFER_CAP = 64 * 1024
 
 
 def parse_port_range(text: str) -> tuple[int, int]:
@@ -144,6 +152,8 @@ class Options(usage.Options):
             raise usage.UsageError(f"--log-format wants one of {', '.join(LOG_FORMATS)}, not {self['log-format']!r}")
         if self["keepalive-timeout"] <= self["keepalive-interval"]:
             raise usage.UsageError("--keepalive-timeout must exceed --keepalive-interval")
+        if self["link-buffer-cap"] < MIN_LINK_BUFFER_CAP:
+            raise usage.UsageError(f"--link-buffer-cap must be at least {MIN_LINK_BUFFER_CAP} bytes")
 
 
 def raise_open_file_limit() -> int:
@@ -295,6 +305,7 @@ def makeService(options) -> service.IService:
         handshake_timeout_seconds=o["handshake-timeout"],
         keepalive_interval_seconds=o["keepalive-interval"],
         keepalive_timeout_seconds=o["keepalive-timeout"],
+        link_buffer_cap=o["link-buffer-cap"],
     )
     q = quoteStringArgument
     # The agent link's TLS is our stdlib-ssl layer (relay/wire/tlslayer.py: one C

@@ -75,10 +75,10 @@ class Relay:
     """The relay's end of one agent link: an AgentLink on a StringTransport,
     and a relay-role MuxConnection that reads what the agent wrote."""
 
-    def __init__(self, agent: TunnelAgent):
+    def __init__(self, agent: TunnelAgent, **mux_kwargs):
         self.agent = agent
         self.transport = StringTransport()
-        self.mux = MuxConnection(Role.RELAY)
+        self.mux = MuxConnection(Role.RELAY, **mux_kwargs)
         self.link = AgentLink(agent)
         self.link.makeConnection(self.transport)
 
@@ -130,12 +130,12 @@ class Recorder:
         self.events.append((tunnel, event, tunnel.urls))
 
 
-def live_agent(**kwargs):
+def live_agent(relay_mux_kwargs=None, **kwargs):
     """An agent with one TCP tunnel granted on a first link: (agent, tunnel, relay, recorder)."""
     reactor = MemoryReactorClock()
     recorder = Recorder()
     agent = TunnelAgent(reactor, RELAY, TOKEN, specs=[tcp_spec()], on_tunnel=recorder, **kwargs)
-    relay = Relay(agent)
+    relay = Relay(agent, **(relay_mux_kwargs or {}))
     relay.accept()
     (request,) = relay.requests()
     relay.grant(request, "tunnel1", 20001, secret=SECRET)
@@ -743,9 +743,9 @@ def test_a_relay_of_another_protocol_version_stops_the_agent():
     assert error.value.exit_code == 8 and "version 1" in str(error.value)
 
 
-def _stream_to_service(port: int = 8000):
+def _stream_to_service(port: int = 8000, **relay_mux_kwargs):
     """A live agent whose service address is known, and a visitor stream the relay opened: (agent, relay, stream id)."""
-    agent, tunnel, relay, _ = live_agent()
+    agent, tunnel, relay, _ = live_agent(relay_mux_kwargs)
     agent.remember_address(tunnel.spec.services[0], IPv4Address("TCP", "127.0.0.1", port))
     stream_id = relay.mux.open_stream({"tunnel": "tunnel1", "service": "", "peer": ["203.0.113.7", 1], "local": ["127.0.0.1", 20001]})
     relay.deliver()
@@ -794,3 +794,23 @@ def test_opens_beyond_the_dials_in_progress_cap_are_refused(monkeypatch):
     relay.deliver()
     assert not [e for e in relay.read() if isinstance(e, ev.StreamReset)]
     assert len(agent.reactor.tcpClients) == 3
+
+
+def test_the_agent_sends_no_more_than_the_window_the_relay_announced_in_open():
+    """A relay near its link's cap opens a stream with a 4 KiB window: of 64 KiB the service
+    writes, the agent sends 4 KiB, and the rest once the relay credits it."""
+    agent, relay, stream_id = _stream_to_service(window_cap=4096)
+    host, port, factory, *_ = agent.reactor.tcpClients[-1]
+    service = factory.buildProtocol(IPv4Address("TCP", host, port))
+    service.makeConnection(StringTransport())
+    agent.reactor.advance(0)
+    relay.read()
+    service.dataReceived(b"s" * 65536)
+    agent.reactor.advance(0)
+    data = [e for e in relay.read() if isinstance(e, ev.DataReceived)]
+    assert sum(len(e.data) for e in data) == 4096
+    relay.mux.consumed(stream_id, 4096)
+    relay.deliver()
+    agent.reactor.advance(0)
+    more = [e for e in relay.read() if isinstance(e, ev.DataReceived)]
+    assert 0 < sum(len(e.data) for e in more) <= relay.mux.streams[stream_id].recv.target

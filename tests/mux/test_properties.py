@@ -293,7 +293,12 @@ def test_any_bytes_to_a_silent_agent(raw, cuts):
 
 # -- state machine ----------------------------------------------------------------------
 
-SMALL = {"initial_window": 4096, "max_window": 32768, "link_budget": 32768}
+# window_cap: the first stream a side opens gets 4096, the next ones 1024 (the
+# floor), and past 8192 in all open_stream refuses until a stream ends.
+SMALL = {
+    "initial_window": 4096, "max_window": 32768, "link_budget": 32768,
+    "window_cap": 8192, "min_window": 1024,
+}
 
 
 class LinkMachine(RuleBasedStateMachine):
@@ -430,9 +435,12 @@ class LinkMachine(RuleBasedStateMachine):
     def windows_stay_in_bounds(self):
         for side, conn in self.conns.items():
             assert 0 <= conn.budget.available <= SMALL["link_budget"]
+            # the window pool holds exactly the windows of the streams still open
+            assert conn.window_pool.granted == sum(s.pooled for s in conn.streams.values())
+            assert conn.window_pool.granted <= SMALL["window_cap"]
             for stream in conn.streams.values():
                 assert 0 <= stream.send_window <= 2**31 - 1
-                assert SMALL["initial_window"] <= stream.recv.target <= SMALL["max_window"]
+                assert stream.recv.initial <= stream.recv.target <= SMALL["max_window"]
                 # what the receiver holds = what it delivered and was not told was consumed
                 assert stream.recv.pending == self.unconsumed.get((side, stream.stream_id), 0)
 

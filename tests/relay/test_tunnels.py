@@ -302,3 +302,46 @@ def test_opens_in_flight_are_capped_per_link_with_a_reset_for_the_excess():
     agent.pump()
     (admitted,) = _visitors(node, port, 1)
     assert not admitted.disconnecting
+
+
+def test_visitors_past_the_link_buffer_cap_are_closed_counted_and_logged_once_per_burst():
+    """Once the link's stream windows fill its cap, a new visitor is closed at once and counted
+    (link_buffer_cap), one log line for the burst; an ended stream gives its room back."""
+    node = Node()
+    node.factory.link_buffer_cap = 1024 * 1024  # 512 KiB of stream windows: 256 KiB, then 64 x 4 KiB
+    agent = node.agent()
+    port = agent.open().body["tunnel"]["port"]
+    with capturedLogs() as logs:
+        visitors = _visitors(node, port, 70)
+    opened = [e for e in agent.pump() if isinstance(e, ev.StreamOpened)]
+    assert len(opened) == 65
+    assert [bool(v.disconnecting) for v in visitors] == [False] * 65 + [True] * 5
+    assert node.metrics.refused_by_reason["link_buffer_cap"] == 5
+    lines = [e for e in logs if "cap" in e.get("log_format", "")]
+    assert len(lines) == 1 and lines[0]["log_level"].name == "warn"
+    assert agent.link.mux.window_pool.granted <= 512 * 1024
+    # The agent's send windows follow the relay's OPENs: the first full, the rest at the floor.
+    windows = [agent.mux.send_window(e.stream_id) for e in opened]
+    assert windows == [256 * 1024] + [4096] * 64
+    agent.mux.reset(opened[-1].stream_id, ErrorCode.CANCEL)
+    agent.pump()
+    (admitted,) = _visitors(node, port, 1)
+    assert not admitted.disconnecting
+
+
+def test_a_visitor_accepted_before_the_cap_filled_is_closed_when_its_stream_would_pass_it():
+    """Two visitors built while one stream still fits: the second, connected after the first
+    took the room, is aborted (link_buffer_cap), not opened past the cap."""
+    node = Node()
+    node.factory.link_buffer_cap = 1024 * 1024
+    agent = node.agent()
+    port = agent.open().body["tunnel"]["port"]
+    _visitors(node, port, 64)
+    late = [node.listener(port).buildProtocol(IPv4Address("TCP", "203.0.113.7", 41000 + i)) for i in range(2)]
+    # lenient: a real transport takes the splice's pause after an abort (its connectionLost comes later)
+    transports = [StringTransport(peerAddress=VISITOR, lenient=True) for _ in late]
+    for visitor, transport in zip(late, transports):
+        visitor.makeConnection(transport)
+    assert [bool(t.disconnecting or t.disconnected) for t in transports] == [False, True]
+    assert node.metrics.refused_by_reason["link_buffer_cap"] == 1
+    assert len([e for e in agent.pump() if isinstance(e, ev.StreamOpened)]) == 65
