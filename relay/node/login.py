@@ -13,6 +13,8 @@ Sans-IO apart from the clock it is given; `AgentLinkFactory` asks it.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 from collections import OrderedDict, deque
 
 from twisted.logger import Logger
@@ -24,6 +26,27 @@ BAD_TOKEN_WINDOW_SECONDS = 60.0
 BAN_SECONDS = 30.0
 # Source addresses whose recent failures we remember; the oldest go first.
 MAX_TRACKED_SOURCES = 10_000
+# A burst of pending logins (about 50 KB each) frees its memory to the
+# allocator when it ends, but glibc keeps the pages: 2,000 stalled handshakes
+# left the relay 60 MB larger for good. Once a burst of at least this many has
+# fallen to a quarter, the free pages go back to the system (malloc_trim).
+TRIM_AFTER_PENDING = 256
+
+
+def _release_free_memory():
+    """Return the allocator's free pages to the system (glibc only), else nothing."""
+    name = ctypes.util.find_library("c")
+    try:
+        trim = ctypes.CDLL(name).malloc_trim if name else None
+    except (OSError, AttributeError):  # not glibc (musl, macOS)
+        trim = None
+    if trim is None:
+        return lambda: None
+    trim.argtypes = [ctypes.c_size_t]
+    return lambda: trim(0)
+
+
+release_free_memory = _release_free_memory()
 
 
 class LoginGuard:
@@ -52,6 +75,8 @@ class LoginGuard:
         self._failures: OrderedDict[str, deque] = OrderedDict()  # source -> failure times
         self._banned_until: OrderedDict[str, float] = OrderedDict()
         self.refused_at_accept = 0  # over a cap, or banned
+        self._burst_peak = 0  # most logins pending at once since the last trim
+        self.trims = 0
 
     def admit(self, source: str) -> str | None:
         """None if a new connection from `source` may start its login, else
@@ -70,12 +95,18 @@ class LoginGuard:
             self.refused_at_accept += 1
             return "busy_source"
         self.pending += 1
+        self._burst_peak = max(self._burst_peak, self.pending)
         self._pending_by_source[source] = self._pending_by_source.get(source, 0) + 1
         return None
 
     def finished(self, source: str) -> None:
         """An admitted connection authenticated or went away."""
         self.pending -= 1
+        if self._burst_peak >= TRIM_AFTER_PENDING and self.pending <= self._burst_peak // 4:
+            # Once, after the burst: a few ms of the reactor, never per login.
+            self._burst_peak = 0  # the next burst counts from its own admits
+            self.trims += 1
+            self.clock.callLater(0, release_free_memory)
         left = self._pending_by_source.get(source, 1) - 1
         if left > 0:
             self._pending_by_source[source] = left

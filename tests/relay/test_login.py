@@ -123,3 +123,34 @@ def test_a_login_that_never_finishes_tls_still_leaves_the_count():
     for layer in layers:
         layer.connectionLost(Failure(ConnectionLost()))
     assert node.factory.login_guard.pending == 0
+
+
+def test_the_end_of_a_burst_of_logins_returns_free_memory_once(monkeypatch):
+    """After a burst of at least TRIM_AFTER_PENDING logins falls to a quarter, the
+    free pages go back to the system once (not per login); small bursts never trim."""
+    from relay.node import login
+
+    calls = []
+    monkeypatch.setattr(login, "release_free_memory", lambda: calls.append(1))
+    clock = Clock()
+    guard = LoginGuard(clock, max_pending=10_000, max_pending_per_source=10_000)
+    for _ in range(login.TRIM_AFTER_PENDING - 1):  # one short of a burst
+        guard.admit("a")
+    for _ in range(login.TRIM_AFTER_PENDING - 1):
+        guard.finished("a")
+    clock.advance(0)
+    assert calls == []
+    n = 4 * login.TRIM_AFTER_PENDING
+    for _ in range(n):
+        guard.admit("a")
+    for _ in range(n):
+        guard.finished("a")
+    clock.advance(0)
+    assert calls == [1] and guard.trims == 1 and guard.pending == 0
+
+
+def test_release_free_memory_runs_here():
+    """The trim is a real call on this machine's libc (glibc), and harmless."""
+    from relay.node import login
+
+    login.release_free_memory()
