@@ -104,9 +104,10 @@ class TunnelSpec:
         self.client_ca = client_ca
 
     def wire(self) -> dict:
-        out = {"name": self.name, "services": [s.wire() for s in self.services]}
+        out = {"name": self.name}
         if self.stable_name is not None:
             out["stable_name"] = self.stable_name
+        out["services"] = [s.wire() for s in self.services]
         if self.allow:
             out["allow"] = list(self.allow)
         if self.client_ca:
