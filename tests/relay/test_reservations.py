@@ -295,3 +295,19 @@ def test_goaway_from_the_agent_ends_a_named_tunnel_but_keeps_the_name():
     agent.lose()
     assert node.tunnels.tunnels == {} and port in node.allocator.in_use
     assert tcp_port(node.agent().open(stable_name="db")) == port
+
+
+def test_a_tenant_holds_at_most_256_stable_names():
+    """Names are kept for ever: the 257th distinct name of one tenant is limit_exceeded; its own names still open."""
+    from relay.node.reservations import MAX_NAMES_PER_TENANT
+
+    node = Node()
+    agent = node.agent()
+    for n in range(MAX_NAMES_PER_TENANT):
+        reply = agent.open(services=KINDS["tls"], stable_name=f"n{n}")
+        assert reply.ok, reply.error
+        assert agent.close(reply.body["tunnel"]["id"]).ok
+    refused = agent.open(services=KINDS["tls"], stable_name="one-more")
+    assert not refused.ok and refused.error.code is RequestErrorCode.LIMIT_EXCEEDED
+    assert "stable names per tenant: at most 256" in str(refused.error)
+    assert agent.open(services=KINDS["tls"], stable_name="n0").ok
