@@ -6,9 +6,8 @@ relay terminates, passthrough, services in one tunnel, and a stable name of
 each of TCP and TLS); the relay is stopped (SIGTERM) or killed (SIGKILL) and
 started again on the same state folder; every agent must reconnect to the
 same addresses, print nothing new, and every visitor be served byte-exact.
-A tenant other than the development one needs the tokens file (another
-issue's part, not on main yet): name_taken and name_not_allowed are tested
-at unit level (tests/relay/test_reservations.py).
+A second tenant comes from `relay-admin token add` (tests/e2e/test_tenants.py's
+helpers) for name_taken and name_not_allowed.
 """
 
 import functools
@@ -239,5 +238,32 @@ def test_an_agent_away_past_the_grace_gets_its_name_back(tmp_path, agents, echo)
         assert "name_in_use" in other.stderr_text() or "served by another live agent" in other.stderr_text()
     finally:
         proxy.close()
+        relay.stop()
+    assert "Traceback" not in relay.log()
+
+
+def test_another_tenant_cannot_take_a_name_and_a_token_claims_only_its_names(tmp_path, agents, http_files):
+    """With a second tenant from relay-admin: the dev tenant's name is name_taken for acme (exit 9), a name outside acme's --names is name_not_allowed (exit 9), and one of its names gets https://NAME-acme.<domain>, served by curl."""
+    from tests.e2e.harness import RelayProcess
+    from tests.e2e.test_tenants import add_token, log_count, wait_reloaded
+
+    relay = RelayProcess(tmp_path / "relay", "--tokens-check-seconds=0.5").start()
+    try:
+        mine = agents(relay, "forward", str(http_files.server_port), "--name", "web", "--json")
+        assert json_line(mine)["hostname"] == f"web-dev.{DOMAIN}"
+        before = log_count(relay, "tokens file loaded")
+        token = add_token(relay, "--tenant", "acme", "--names", "web,api")
+        wait_reloaded(relay, before)
+        acme = {"TUNNEL_TOKEN": token}
+        taken = agents(relay, "forward", str(http_files.server_port), "--name", "web", env=acme)
+        assert taken.wait(20) == 9 and "belongs to another tenant" in taken.stderr_text()
+        refused = agents(relay, "forward", str(http_files.server_port), "--name", "shop", env=acme)
+        assert refused.wait(20) == 9 and "may not claim the name" in refused.stderr_text()
+        allowed = agents(relay, "forward", str(http_files.server_port), "--name", "api", "--json", env=acme)
+        hostname = json_line(allowed)["hostname"]
+        assert hostname == f"api-acme.{DOMAIN}"
+        assert curl_sha256(relay, hostname) == http_files.blob_sha256
+        assert token not in relay.log()
+    finally:
         relay.stop()
     assert "Traceback" not in relay.log()
