@@ -13,9 +13,14 @@ client/errors.py.
 from client.api import TunnelContext, close_tunnel, forward, open_tunnel
 from client.errors import (
     AuthenticationError,
+    BadNameError,
     BadServiceNameError,
     ConfigurationError,
     LimitExceededError,
+    NameInUseError,
+    NameNotAllowedError,
+    NameTakenError,
+    NameUnavailableError,
     NoPortsAvailableError,
     RelayUnreachableError,
     RelayVerificationError,
@@ -27,9 +32,14 @@ from client.errors import (
 
 __all__ = [
     "AuthenticationError",
+    "BadNameError",
     "BadServiceNameError",
     "ConfigurationError",
     "LimitExceededError",
+    "NameInUseError",
+    "NameNotAllowedError",
+    "NameTakenError",
+    "NameUnavailableError",
     "NoPortsAvailableError",
     "RelayUnreachableError",
     "RelayVerificationError",

@@ -49,7 +49,7 @@ def _settings(relay, token, ca) -> tuple[str, str, str | None]:
 
 
 def _spec(target, *, unencrypted, alpn, services, allow, client_ca, proxy_protocol,
-          tls_passthrough) -> TunnelSpec:
+          tls_passthrough, name=None) -> TunnelSpec:
     if isinstance(services, dict):
         services = [f"{name}={value}" for name, value in services.items()]
     if target is None and not services:
@@ -75,6 +75,7 @@ def _spec(target, *, unencrypted, alpn, services, allow, client_ca, proxy_protoc
         allow=allow or (),
         client_ca=client_ca,
         proxy_protocol=proxy_protocol,
+        stable_name=name,
     )
     return spec
 
@@ -158,7 +159,7 @@ def _close_in_reactor(tunnel):
 
 def open_tunnel(target=None, *, reactor=None, unencrypted=False, relay=None, token=None, ca=None,
                 alpn=None, services=None, allow=None, client_ca=None, proxy_protocol=None,
-                tls_passthrough=False, connect_timeout=DEFAULT_CONNECT_TIMEOUT_SECONDS):
+                tls_passthrough=False, name=None, connect_timeout=DEFAULT_CONNECT_TIMEOUT_SECONDS):
     """From Twisted code: a Deferred firing with a live Tunnel (never blocks).
 
     Same arguments as forward(); `reactor` defaults to the global one. Errors
@@ -170,7 +171,8 @@ def open_tunnel(target=None, *, reactor=None, unencrypted=False, relay=None, tok
     try:
         relay, token, ca = _settings(relay, token, ca)
         spec = _spec(target, unencrypted=unencrypted, alpn=alpn, services=services, allow=allow,
-                     client_ca=client_ca, proxy_protocol=proxy_protocol, tls_passthrough=tls_passthrough)
+                     client_ca=client_ca, proxy_protocol=proxy_protocol, tls_passthrough=tls_passthrough,
+                     name=name)
     except TunnelError:
         return defer.fail()
     if reactor is None:
@@ -344,7 +346,7 @@ class TunnelContext:
 
 def forward(target=None, *, unencrypted=False, relay=None, token=None, ca=None, alpn=None,
             services=None, allow=None, client_ca=None, proxy_protocol=None,
-            tls_passthrough=False, connect_timeout=DEFAULT_CONNECT_TIMEOUT_SECONDS) -> TunnelContext:
+            tls_passthrough=False, name=None, connect_timeout=DEFAULT_CONNECT_TIMEOUT_SECONDS) -> TunnelContext:
     """A public address for a local port, live inside a `with` or `async with` block.
 
     target: a port (8000) or "host:port" on this machine's network; or give
@@ -356,12 +358,16 @@ def forward(target=None, *, unencrypted=False, relay=None, token=None, ca=None, 
     allow: CIDRs allowed to connect; client_ca: a PEM path or text for mTLS.
     proxy_protocol: "v1" or "v2" header with the visitor's address.
     tls_passthrough: the service terminates TLS itself.
+    name: a stable name: the address is tied to the token's tenant
+        (https://NAME-<tenant>.<domain>, or a TCP port kept for NAME) and
+        is the same after restarts of this program and of the relay.
     connect_timeout: seconds before RelayUnreachableError when the relay
         does not answer.
 
     Raises TunnelError subclasses: ConfigurationError and BadServiceNameError
-    here; AuthenticationError, RelayVerificationError, RelayUnreachableError,
-    NoPortsAvailableError on entering the block. Inside it, tunnel.status is
+    here (and BadNameError); AuthenticationError, RelayVerificationError,
+    RelayUnreachableError, NoPortsAvailableError, NameUnavailableError on
+    entering the block. Inside it, tunnel.status is
     "live", "reconnecting" (the link dropped; same addresses when it is back)
     or "closed" (tunnel.error a TunnelLostError if the addresses expired).
     See docs/python-api.md.

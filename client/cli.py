@@ -59,6 +59,12 @@ def _add_common_options(command: argparse.ArgumentParser) -> None:
         "--proxy-protocol", choices=("v1", "v2"),
         help="write a PROXY protocol header with the visitor's address to the service",
     )
+    address = command.add_argument_group("address (default: random, kept across reconnects within the grace period)")
+    address.add_argument(
+        "--name", metavar="NAME",
+        help="a stable address tied to your tenant: https://NAME-<tenant>.<domain>, or a TCP port "
+        "kept for NAME; the same after agent and relay restarts (1-32 of a-z, 0-9, inner hyphens)",
+    )
     relay = command.add_argument_group("relay and agent")
     relay.add_argument("--json", action="store_true", help="print one JSON object per address")
     relay.add_argument("--relay", help="relay agent address HOST:PORT [env TUNNEL_RELAY]")
@@ -195,6 +201,7 @@ def _settings(args) -> dict:
         proxy_protocol=pick("proxy_protocol"),
         cert=pick("cert"),
         key=pick("key"),
+        stable_name=pick("name"),
     )
     log_format = pick("log_format") or "text"
     if log_format not in ("text", "json"):

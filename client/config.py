@@ -8,7 +8,7 @@ import os
 import sys
 
 from client.errors import BadServiceNameError, ConfigurationError
-from relay.mux.control import SERVICE_NAME
+from relay.mux.control import SERVICE_NAME, check_stable_name
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -87,9 +87,11 @@ class TunnelSpec:
     """One tunnel id with one or more services."""
 
     def __init__(self, services: list[ServiceSpec], *, name: str | None = None,
-                 allow=(), client_ca: str | None = None):
+                 allow=(), client_ca: str | None = None, stable_name: str | None = None):
         if not services:
             raise ConfigurationError("a tunnel needs at least one service")
+        # The tenant's stable name (--name): an address that outlives the tunnel.
+        self.stable_name = check_stable_name(stable_name) if stable_name is not None else None
         self.services = list(services)
         first = self.services[0]
         if name is None:
@@ -102,7 +104,10 @@ class TunnelSpec:
         self.client_ca = client_ca
 
     def wire(self) -> dict:
-        out = {"name": self.name, "services": [s.wire() for s in self.services]}
+        out = {"name": self.name}
+        if self.stable_name is not None:
+            out["stable_name"] = self.stable_name
+        out["services"] = [s.wire() for s in self.services]
         if self.allow:
             out["allow"] = list(self.allow)
         if self.client_ca:
@@ -168,11 +173,13 @@ def parse_ports(values) -> list[int]:
 def build_specs(*, targets=(), services=(), expose_ports=(), unencrypted=False,
                 tls_passthrough=False, alpn=(), allow=(), client_ca: str | None = None,
                 proxy_protocol: str | None = None, cert: str | None = None,
-                key: str | None = None) -> list[TunnelSpec]:
+                key: str | None = None, stable_name: str | None = None) -> list[TunnelSpec]:
     """The tunnels a command line (or an API call) asks for.
 
     Each positional target is its own tunnel; all --service entries share one
     tunnel id; expose's ports share one tunnel id with port-named services.
+    `stable_name` (--name) names the one tunnel asked for: a target, or the
+    services (then each is https://SERVICE-NAME-<tenant>.<domain>).
     """
     if unencrypted and tls_passthrough:
         raise ConfigurationError("--unencrypted and --tls-passthrough exclude each other")
@@ -226,13 +233,19 @@ def build_specs(*, targets=(), services=(), expose_ports=(), unencrypted=False,
         ))
     if not specs:
         raise ConfigurationError("nothing to forward: give a [HOST:]PORT, --service NAME=PORT or a config file")
+    if stable_name is not None:
+        if len(specs) > 1:
+            raise ConfigurationError(
+                "--name names one tunnel: give one [HOST:]PORT, or --service entries (one tunnel), not both or several"
+            )
+        specs[0].stable_name = check_stable_name(stable_name)
     return specs
 
 
 def load_agent_config(path: str) -> dict:
     """An agent TOML file: relay, token, ca, json, alpn, allow, client_ca (a
-    file), proxy_protocol, unencrypted, tls_passthrough, forward (a list of
-    targets), log_format, metrics_port (9100 or "HOST:PORT"),
+    file), proxy_protocol, unencrypted, tls_passthrough, name (a stable name),
+    forward (a list of targets), log_format, metrics_port (9100 or "HOST:PORT"),
     metrics_interface, and [services] (name = "[HOST:]PORT[:MODE]")."""
     try:
         with open(path, "rb") as f:
@@ -244,7 +257,7 @@ def load_agent_config(path: str) -> dict:
     data = {k.replace("-", "_"): v for k, v in data.items()}
     known = {"relay", "token", "ca", "json", "alpn", "allow", "client_ca", "proxy_protocol",
              "unencrypted", "tls_passthrough", "forward", "services", "max_retries", "cert", "key",
-             "log_format", "metrics_port", "metrics_interface"}
+             "log_format", "metrics_port", "metrics_interface", "name"}
     unknown = set(data) - known
     if unknown:
         raise ConfigurationError(f"config file {path}: unknown keys {', '.join(sorted(unknown))}")

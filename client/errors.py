@@ -7,9 +7,14 @@ control protocol's, shared with the relay; the rest happen only here.
 
 
 from relay.mux.control import (  # noqa: F401  (one family with the relay's: relay/mux/control.py)
+    BadNameError,
     BadServiceNameError,
     ConfigurationError,
     LimitExceededError,
+    NameInUseError,
+    NameNotAllowedError,
+    NameTakenError,
+    NameUnavailableError,
     NoPortsAvailableError,
     ReclaimFailedError,
     TunnelError,

@@ -33,6 +33,12 @@ MAX_ALLOW_ENTRIES = 64
 MAX_ALPN_ENTRIES = 8
 MAX_CLIENT_CA_BYTES = 64 * 1024
 MAX_TUNNEL_NAME_CHARS = 200
+# A stable name is one DNS label (RFC 1035 2.3.1: letters, digits, inner
+# hyphens), lowercase, and short enough that `<service>-<name>-<tenant>` can
+# still fit a label's 63 characters. No "--": RFC 5891 4.2.3.1 reserves it
+# at positions 3-4 (xn--), and it would make `<name>-<tenant>` ambiguous.
+STABLE_NAME = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,30}[a-z0-9])?")
+MAX_STABLE_NAME_CHARS = 32
 # Request ids are the agent's counter; JSON allows any size, we do not.
 MAX_REQUEST_ID = 2**53
 KINDS = ("tcp", "tls")
@@ -62,6 +68,10 @@ class RequestErrorCode(str, enum.Enum):
     RECLAIM_FAILED = "reclaim_failed"
     LIMIT_EXCEEDED = "limit_exceeded"
     RELAY_OVERLOADED = "relay_overloaded"
+    BAD_NAME = "bad_name"
+    NAME_TAKEN = "name_taken"
+    NAME_NOT_ALLOWED = "name_not_allowed"
+    NAME_IN_USE = "name_in_use"
 
 
 # -- the error family both ends raise ------------------------------------------
@@ -132,6 +142,39 @@ class RelayOverloadedError(TunnelRequestError):
     default_code = RequestErrorCode.RELAY_OVERLOADED
 
 
+class BadNameError(TunnelRequestError, ConfigurationError):
+    """A stable name that is not one lowercase DNS label of 1-32 characters."""
+
+    exit_code = 2
+    default_code = RequestErrorCode.BAD_NAME
+
+
+class NameUnavailableError(TunnelRequestError):
+    """A stable name this agent cannot have (the subclasses say why); exit 9,
+    so a script can tell it from a full port range."""
+
+    exit_code = 9
+
+
+class NameTakenError(NameUnavailableError):
+    """The stable name belongs to another tenant."""
+
+    default_code = RequestErrorCode.NAME_TAKEN
+
+
+class NameNotAllowedError(NameUnavailableError):
+    """The token may not claim this stable name (its grant lists others)."""
+
+    default_code = RequestErrorCode.NAME_NOT_ALLOWED
+
+
+class NameInUseError(NameUnavailableError):
+    """A live agent of the same tenant serves this name, and this request
+    does not hold its reclaim secret (a duplicate, not a reconnect)."""
+
+    default_code = RequestErrorCode.NAME_IN_USE
+
+
 ERRORS_BY_CODE: dict[RequestErrorCode, type[TunnelRequestError]] = {
     RequestErrorCode.RELAY_OVERLOADED: RelayOverloadedError,
     RequestErrorCode.LIMIT_EXCEEDED: LimitExceededError,
@@ -139,6 +182,10 @@ ERRORS_BY_CODE: dict[RequestErrorCode, type[TunnelRequestError]] = {
     RequestErrorCode.BAD_SERVICE_NAME: BadServiceNameError,
     RequestErrorCode.UNKNOWN_TUNNEL: UnknownTunnelError,
     RequestErrorCode.RECLAIM_FAILED: ReclaimFailedError,
+    RequestErrorCode.BAD_NAME: BadNameError,
+    RequestErrorCode.NAME_TAKEN: NameTakenError,
+    RequestErrorCode.NAME_NOT_ALLOWED: NameNotAllowedError,
+    RequestErrorCode.NAME_IN_USE: NameInUseError,
 }
 
 
@@ -178,6 +225,7 @@ class OpenTunnel:
     request_id: int
     services: tuple[ServiceRequest, ...]
     name: str = ""
+    stable_name: str | None = None  # the tenant's stable name, or None for a random address
     allow: tuple = ()  # ip_network objects; empty: everyone
     client_ca: bytes | None = field(default=None, repr=False)  # PEM
     reclaim: tuple[str, str] | None = field(default=None, repr=False)  # (tunnel id, secret)
@@ -259,6 +307,7 @@ def _parse_open_tunnel(request_id: int, request: dict) -> OpenTunnel:
         request_id=request_id,
         services=tuple(parsed),
         name=_short(name, MAX_TUNNEL_NAME_CHARS) if name else "",
+        stable_name=check_stable_name(request["stable_name"]) if "stable_name" in request else None,
         allow=tuple(networks),
         client_ca=client_ca,
         reclaim=reclaim,
@@ -288,6 +337,17 @@ def _check_client_ca(pem: bytes) -> None:
         raise TunnelRequestError(RequestErrorCode.BAD_CLIENT_CA, error)
 
 
+def check_stable_name(name) -> str:
+    """The name if it is a valid stable name, else BadNameError (both ends use it)."""
+    if not isinstance(name, str) or not STABLE_NAME.fullmatch(name) or "--" in name:
+        raise BadNameError(
+            None,
+            f"bad stable name {_short(name)!r}: use 1-{MAX_STABLE_NAME_CHARS} characters of a-z, 0-9 "
+            "and inner single hyphens (one DNS label, lowercase)",
+        )
+    return name
+
+
 def _parse_service(service: dict, names: set, *, several: bool) -> ServiceRequest:
     name = service.get("name", "")
     if not isinstance(name, str) or (name or several) and not SERVICE_NAME.fullmatch(name):
@@ -315,7 +375,7 @@ def _parse_service(service: dict, names: set, *, several: bool) -> ServiceReques
 
 def open_tunnel_request(request_id: int, wire: dict, reclaim: tuple[str, str] | None = None) -> dict:
     """The agent's open_tunnel message: `wire` is the tunnel spec's fields
-    (services, name, allow, client_ca), `reclaim` an earlier (tunnel id, secret)."""
+    (services, name, stable_name, allow, client_ca), `reclaim` an earlier (tunnel id, secret)."""
     message = {"id": request_id, "op": Op.OPEN_TUNNEL.value, **wire}
     if reclaim is not None:
         message["reclaim"] = {"tunnel": reclaim[0], "secret": reclaim[1]}

@@ -165,7 +165,7 @@ class RelayLink(MuxLink):
             self._send_reply(control.error_reply(request_id, failure.value))
 
         if request.reclaim is not None:
-            d = self.tunnels.reclaim(self, *request.reclaim)
+            d = self.tunnels.reclaim(self, *request.reclaim, request=request)
             d.addCallbacks(reclaimed, fresh)
         else:
             d = fresh()

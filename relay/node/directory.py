@@ -95,6 +95,13 @@ class Tunnel:
     # The new-stream token bucket (TunnelManager.admit): tokens, and when counted.
     stream_tokens: float = -1.0
     stream_tokens_at: float = 0.0
+    tenant: str = ""  # the tenant of the token that opened it
+    stable_name: str | None = None  # its tenant's stable name, if it has one
+    # When its grace period ends, while it waits for its agent.
+    deadline: float | None = None
+    # Rebuilt from the state folder after a restart: its reclaim brings the
+    # settings the file does not keep (allow, client CA).
+    restored: bool = False
 
     def allows(self, host: str) -> bool:
         if not self.allow:
@@ -121,6 +128,8 @@ class Tunnel:
     def describe(self) -> dict:
         endpoints = [e.describe() for e in self.endpoints]
         out = {"id": self.tunnel_id, "name": self.name, "endpoints": endpoints}
+        if self.stable_name is not None:
+            out["stable_name"] = self.stable_name
         if len(endpoints) == 1:
             out.update(endpoints[0])  # single-service tunnels read flat, as users expect
             if self.endpoints[0].kind == "tcp":
@@ -236,6 +245,7 @@ class MemoryDirectory:
 
     def add(self, tunnel):
         self._tunnels[tunnel.tunnel_id] = tunnel
+        self._ids.add(tunnel.tunnel_id)  # a restored tunnel's id was not handed out by fresh_id
         return defer.succeed(None)
 
     def remove(self, tunnel):

@@ -53,22 +53,31 @@ class PublicPorts:
         self._listening: dict[int, object] = {}  # port -> IListeningPort
 
     @defer.inlineCallbacks
-    def bind(self, factory: VisitorFactory, claim=None, within: tuple[int, int] | None = None):
+    def bind(self, factory: VisitorFactory, claim=None, within: tuple[int, int] | None = None,
+             port: int | None = None):
         """Listen on a free port of the range (or of `within`, a token's
-        ports) with `factory`; fires with the port number. `claim(port)` (a
-        Deferred of bool) may veto a port. Errs with NoPortsAvailableError,
-        or LimitExceededError naming the token's range."""
-        try:
-            candidates = self.allocator.candidates(MAX_BIND_ATTEMPTS, within)
-        except NoFreePortError as e:
-            if within is not None:
-                raise LimitExceededError(None, f"public ports of this token ({within[0]}-{within[1]}): {e}", "port_range") from None
-            raise NoPortsAvailableError(None, str(e)) from None
+        ports) with `factory`, or on `port` (one reserved for a stable name,
+        or restored after a restart); fires with the port number.
+        `claim(port)` (a Deferred of bool) may veto a port. Errs with
+        NoPortsAvailableError, or LimitExceededError naming the token's range."""
+        exact = port
+        if exact is not None:
+            candidates = [exact]
+            # Reserved for a name: a failed bind must leave it reserved.
+            unclaim = (lambda p: None) if exact in self.allocator.in_use else self.allocator.unclaim
+        else:
+            unclaim = self.allocator.unclaim
+            try:
+                candidates = self.allocator.candidates(MAX_BIND_ATTEMPTS, within)
+            except NoFreePortError as e:
+                if within is not None:
+                    raise LimitExceededError(None, f"public ports of this token ({within[0]}-{within[1]}): {e}", "port_range") from None
+                raise NoPortsAvailableError(None, str(e)) from None
         for port in candidates:
             self.allocator.claim(port)  # before any yield: no concurrent request takes it
             try:
                 if claim is not None and not (yield claim(port)):
-                    self.allocator.unclaim(port)
+                    unclaim(port)
                     continue
                 listener = serverFromString(
                     self.reactor,
@@ -76,16 +85,18 @@ class PublicPorts:
                 )
                 factory.listening = yield listener.listen(factory)
             except CannotListenError as e:
-                self.allocator.unclaim(port)  # held elsewhere: not ours to quarantine
+                unclaim(port)  # held elsewhere: not ours to quarantine
                 if getattr(e.socketError, "errno", None) in OUT_OF_FILES:
                     # Not "no bindable port": no port would bind now.
                     raise RelayOverloadedError(None, "the relay is out of file descriptors") from None
                 continue
             except BaseException:
-                self.allocator.unclaim(port)
+                unclaim(port)
                 raise
             self._listening[port] = factory.listening
             return port
+        if exact is not None:
+            raise NoPortsAvailableError(None, f"port {exact} is taken (another process or tunnel holds it)")
         if within is not None:
             raise LimitExceededError(
                 None, f"public ports of this token ({within[0]}-{within[1]}): no bindable port", "port_range"
@@ -94,10 +105,12 @@ class PublicPorts:
             None, f"no bindable port in {self.allocator.low}-{self.allocator.high}"
         )
 
-    def unbind(self, port: int) -> defer.Deferred:
-        """Stop listening and put the port in quarantine; fires once unbound."""
+    def unbind(self, port: int, keep: bool = False) -> defer.Deferred:
+        """Stop listening and put the port in quarantine (or, with `keep`,
+        keep it reserved: a stable name's port); fires once unbound."""
         listening = self._listening.pop(port, None)
-        self.allocator.release(port)
+        if not keep:
+            self.allocator.release(port)
         if listening is None:
             return defer.succeed(None)
         d = defer.maybeDeferred(listening.stopListening)

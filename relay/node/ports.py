@@ -83,6 +83,20 @@ class PortAllocator:
             self.in_use.discard(port)
             self._quarantine[port] = self.clock.seconds() + self.quarantine_seconds
 
+    def keep(self, port: int) -> None:
+        """A port reserved for a stable name: unbound, but nobody else's."""
+        self.in_use.add(port)
+
+    def quarantine_until(self, port: int, until: float) -> None:
+        """Quarantine restored from the state folder after a restart."""
+        if port not in self.in_use and until > self.clock.seconds():
+            self._quarantine[port] = until
+
+    def quarantine(self) -> dict[int, float]:
+        """Port -> when it may be reused, for the state folder."""
+        self._expire_quarantine()
+        return dict(self._quarantine)
+
     def quarantined(self) -> int:
         self._expire_quarantine()
         return len(self._quarantine)

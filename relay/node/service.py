@@ -32,6 +32,7 @@ from relay.mux import ErrorCode
 from relay.wire.link import DEFAULT_KEEPALIVE_INTERVAL_SECONDS, DEFAULT_KEEPALIVE_TIMEOUT_SECONDS
 from relay.node.listeners import PublicPorts
 from relay.node.ports import PortAllocator
+from relay.node.reservations import ReservationFile
 from relay.node.tunnels import DEFAULT_GRACE_SECONDS, TunnelManager
 from relay.wire.jsonlog import LOG_FORMATS, json_file_observer
 from relay.wire.metrics import Counters
@@ -200,8 +201,16 @@ class RelayNode(service.MultiService):
         if self.log_observer is not None and hasattr(parent, "setComponent"):
             parent.setComponent(ILogObserver, self.log_observer)
         return super().setServiceParent(parent)
+    journal = None  # relay/node/reservations.py ReservationFile
 
     def startService(self):
+        if self.journal is not None:
+            # Before the agent port listens: a reclaim must find what it reclaims.
+            loaded = self.journal.load()
+            if loaded is not None:
+                d = self.tunnels.restore(*loaded)
+                d.addErrback(lambda f: self._log.failure("restoring reservations failed", f))
+            self.journal.start()
         super().startService()
         from twisted.internet import reactor
 
@@ -231,6 +240,11 @@ class RelayNode(service.MultiService):
             )
 
     def stopService(self):
+        if self.journal is not None:
+            # The last snapshot, with every tunnel as it stands: a restart
+            # counts their grace from now. Then frozen: what close_all ends
+            # below stays reserved in the file.
+            self.journal.close()
         unbound = self.tunnels.close_all()
         for link in list(self.tunnels.links):
             # Agents reconnect (with backoff) to whatever relay comes back.
@@ -284,6 +298,7 @@ def makeService(options) -> service.IService:
     node.setName("relay")
     if o["log-format"] == "json":
         node.log_observer = json_file_observer(_log_file(getattr(options, "parent", None)))
+    node.journal = tunnels.journal = ReservationFile(state.state_dir, reactor, tunnels.snapshot)
 
     from relay.node.tokens import TokenStore, ensure_tokens_file
 

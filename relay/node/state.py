@@ -10,6 +10,8 @@ on every later one::
     relay-key.pem   the leaf's private key (0600)
     agent-tokens    SHA-256 hex digests of accepted agent tokens, one a line (0600)
     client.env      TUNNEL_RELAY, TUNNEL_TOKEN, TUNNEL_CA for the operator (0600)
+    reservations.json  what reclaims and stable names need across restarts (0600;
+                    relay/node/reservations.py writes it, not this module)
 
 Rule 1: the relay never keeps a plaintext token. It stores and compares
 SHA-256 digests; the plaintext exists only in ``client.env``, which is written

@@ -17,19 +17,42 @@ reclaim secret can attach it to a new link. An agent that reconnects before
 the relay noticed the old link died takes over at once; the old link is
 aborted (a stale reservation blocking the reconnect is the classic bug of frp,
 sish and localtunnel).
+
+Reservations outlive the process too: every change a reclaim depends on is
+reported to the reservations file (relay/node/reservations.py), and `restore`
+rebinds the ports and hostnames of the tunnels held when the relay went
+down, each waiting out what is left of its grace period from that moment.
+
+A *stable name* (`open_tunnel`'s `stable_name`) ties an address to the
+tenant instead of the tunnel: `https://<name>-<tenant>.<domain>` (and
+`<service>-<name>-<tenant>` for named services), and for TCP a port reserved
+for the name on first use and kept for it ever after (never quarantined,
+never handed to another tunnel). A name belongs to the first tenant that
+claims it; the token's grant must allow it; a live agent of the tenant
+holding it makes a second claim a duplicate unless that one holds the
+tunnel's reclaim secret (a reconnect); a tunnel of the name waiting in its
+grace period is ended and the name handed to the new claim (the same agent
+restarted, without its secret).
 """
 
 from __future__ import annotations
 
 import hashlib
+import re
 import secrets
 
 from twisted.internet import defer
 from twisted.logger import Logger
 
 from relay.mux.control import (
+    BadNameError,
     LimitExceededError,
+    NameInUseError,
+    NameNotAllowedError,
+    NameTakenError,
+    NoPortsAvailableError,
     OpenTunnel,
+    ReclaimFailedError,
     RequestErrorCode,
     TunnelRequestError,
     UnknownTunnelError,
@@ -38,6 +61,8 @@ from relay.node.directory import Endpoint, ITunnelDirectory, MemoryDirectory, Tu
 from relay.node.limits import DEFAULT_LIMITS, SessionLimits
 from relay.node.listeners import PublicPorts, VisitorFactory
 from relay.mux import ErrorCode
+from relay.node.reservations import MAX_NAMES_PER_TENANT, NameRegistry
+from relay.node.tenants import DEV_TENANT
 from relay.wire.metrics import NULL_METRICS
 from relay.wire.splice import Splice
 from relay.wire.throttle import ThrottledSplice, TokenBucket
@@ -47,6 +72,9 @@ DEFAULT_GRACE_SECONDS = 60.0
 REFUSAL_LOG_SECONDS = 10.0
 # The rate a live throttled splice gets when its cap is lifted: never in debt.
 UNCAPPED_BYTES_PER_SECOND = 10**12
+# A tenant is part of its stable names' hostnames: it must be a DNS label.
+DNS_LABEL = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?")
+MAX_LABEL_CHARS = 63  # RFC 1035 2.3.4
 
 
 class GraceTimers:
@@ -116,6 +144,14 @@ class TunnelManager:
         # Bandwidth caps: tunnel id -> (visitor-to-agent, agent-to-visitor) buckets.
         self._buckets: dict[str, tuple[TokenBucket, TokenBucket]] = {}
         self._refusal_logged_at: dict[tuple[str, str], float] = {}
+        self.names = NameRegistry()
+        self._named: dict[str, Tunnel] = {}  # stable name -> the tunnel holding it (opening ones too)
+        # relay/node/reservations.py ReservationFile, told of every change a reclaim needs
+        self.journal = None
+
+    def _changed(self) -> None:
+        if self.journal is not None:
+            self.journal.changed()
 
     def limits_of(self, link) -> SessionLimits:
         """The limits of `link`'s session: its token's, else the node's."""
@@ -207,6 +243,16 @@ class TunnelManager:
                 "agent {agent}: {error}", agent=link.session_id, error=str(e),
             )
             raise
+        tenant = self.tenant_of(link)
+        stable = request.stable_name
+        record = None
+        if stable is not None:
+            try:
+                record = yield self._claim_name(link, request)
+            except TunnelRequestError as e:
+                self.metrics.allocation_failed(getattr(e.code, "value", str(e.code)))
+                self._log.info("agent {agent}: {error}", agent=link.session_id, error=str(e))
+                raise
         tunnel_id = yield self.directory.fresh_id()
         secret = secrets.token_urlsafe(24)
         tunnel = Tunnel(
@@ -216,28 +262,28 @@ class TunnelManager:
             reclaim_digest=secret_digest(secret),
             allow=request.allow,
             client_ca=self._share_client_ca(request.client_ca),
+            tenant=tenant,
+            stable_name=stable,
         )
         if tunnel.client_ca is not None:
             tunnel.client_ca_digest = hashlib.sha256(tunnel.client_ca).digest()
+        if stable is not None:
+            self._named[stable] = tunnel  # opening: a concurrent claim is a duplicate
         try:
             for service in services:
                 endpoint = Endpoint(service.name, service.kind, service.mode, service.alpn)
                 tunnel.endpoints.append(endpoint)
                 if endpoint.kind == "tcp":
-                    factory = VisitorFactory(
-                        lambda addr, local, e=endpoint: self.visitor_protocol(tunnel, e, addr, local)
+                    reserved = record.ports.get(service.name) if record is not None else None
+                    yield self._bind_endpoint(
+                        tunnel, endpoint, port=reserved, within=self.limits_of(link).port_range,
                     )
-                    endpoint.port = yield self.ports.bind(
-                        factory, claim=lambda port, e=endpoint: self.directory.claim_port(port, tunnel, e),
-                        within=self.limits_of(link).port_range,
-                    )
-                    endpoint.host = self.public_host
+                    if record is not None and reserved is None:
+                        record.ports[service.name] = endpoint.port  # the name's port from now on
+                        self._changed()
                 else:
-                    label = f"{endpoint.service}-{tunnel_id}" if endpoint.service else tunnel_id
-                    endpoint.hostname = f"{label}.{self.domain}"
-                    endpoint.host, endpoint.port = endpoint.hostname, self.tls_port
-                    if not (yield self.directory.claim_hostname(endpoint.hostname, tunnel, endpoint)):
-                        raise TunnelRequestError(RequestErrorCode.BAD_REQUEST, "hostname taken")
+                    label = self._label(tunnel_id, endpoint.service, stable, tenant)
+                    yield self._claim_endpoint_hostname(tunnel, endpoint, f"{label}.{self.domain}")
             if link.closed:  # the agent left while we were binding
                 raise TunnelRequestError(RequestErrorCode.LINK_CLOSED, "link closed")
             yield self.directory.add(tunnel)
@@ -254,6 +300,7 @@ class TunnelManager:
         token_id = _token_id(link)
         self._tunnels_by_token.setdefault(token_id, set()).add(tunnel_id)
         self._token_of[tunnel_id] = token_id
+        self._changed()
         kinds = {e.kind for e in tunnel.endpoints}
         self.metrics.tunnel_opened(tunnel_id, kinds.pop() if len(kinds) == 1 else "mixed")
         self._log.info(
@@ -262,15 +309,108 @@ class TunnelManager:
         )
         return tunnel, secret
 
+    def _bind_endpoint(self, tunnel: Tunnel, endpoint: Endpoint, port: int | None = None,
+                       within: tuple[int, int] | None = None) -> defer.Deferred:
+        """Listen for a TCP endpoint's visitors: on a random port of the
+        range (or of `within`, the token's), or on `port` (a name's, or one
+        restored after a restart)."""
+        factory = VisitorFactory(lambda addr, local: self.visitor_protocol(tunnel, endpoint, addr, local))
+        endpoint.host = self.public_host
+
+        def bound(number):
+            endpoint.port = number
+            return number
+
+        d = self.ports.bind(
+            factory, claim=lambda number: self.directory.claim_port(number, tunnel, endpoint),
+            within=within, port=port,
+        )
+        return d.addCallback(bound)
+
     @defer.inlineCallbacks
-    def reclaim(self, link, tunnel_id: str, secret: str):
-        """Attach a held tunnel to a new link, given its reclaim secret.
+    def _claim_endpoint_hostname(self, tunnel: Tunnel, endpoint: Endpoint, hostname: str):
+        endpoint.hostname = hostname
+        endpoint.host, endpoint.port = hostname, self.tls_port
+        if not (yield self.directory.claim_hostname(hostname, tunnel, endpoint)):
+            if tunnel.stable_name is not None:
+                raise NameTakenError(None, f"the hostname {hostname} is taken")
+            raise TunnelRequestError(RequestErrorCode.BAD_REQUEST, "hostname taken")
+
+    # -- stable names ------------------------------------------------------------
+
+    def tenant_of(self, link) -> str:
+        grant = getattr(link, "grant", None)
+        return grant.tenant if grant is not None else DEV_TENANT
+
+    def _label(self, tunnel_id: str, service: str, stable: str | None, tenant: str) -> str:
+        """The first DNS label of an endpoint's hostname."""
+        base = f"{stable}-{tenant}" if stable is not None else tunnel_id
+        return f"{service}-{base}" if service else base
+
+    @defer.inlineCallbacks
+    def _claim_name(self, link, request: OpenTunnel):
+        """The name's record, once this request may have it; errs with the
+        name errors of relay/mux/control.py."""
+        stable = request.stable_name
+        tenant = self.tenant_of(link)
+        grant = getattr(link, "grant", None)
+        if grant is not None and not grant.allows_name(stable):
+            raise NameNotAllowedError(None, f"this token may not claim the name {stable!r}")
+        record = self.names.get(stable)
+        if record is not None and record.tenant != tenant:
+            raise NameTakenError(None, f"the name {stable!r} belongs to another tenant")
+        for service in request.services:
+            if service.kind != "tls":
+                continue
+            if not DNS_LABEL.fullmatch(tenant):
+                raise BadNameError(None, f"tenant {tenant[:40]!r} is not a DNS label: its names cannot be hostnames")
+            label = self._label("", service.name, stable, tenant)
+            if len(label) > MAX_LABEL_CHARS:
+                raise BadNameError(
+                    None, f"{label}: stable name, service and tenant exceed a DNS label's {MAX_LABEL_CHARS} characters",
+                )
+        holder = self._named.get(stable)
+        if holder is not None:
+            if self._local.get(holder.tunnel_id) is not holder or holder.pick_link() is not None:
+                raise NameInUseError(
+                    None, f"the name {stable!r} is served by another live agent of this tenant",
+                )
+            # Its agent is away (restarted without the secret): the name moves here.
+            self._log.info(
+                "tunnel {tunnel}: its name {name} is claimed again; it ends", tunnel=holder.tunnel_id, name=stable,
+            )
+            yield defer.DeferredList(self.close(holder, "its name was claimed again"), consumeErrors=True)
+        if record is None:
+            if self.names.count(tenant) >= MAX_NAMES_PER_TENANT:
+                raise LimitExceededError(None, f"stable names per tenant: at most {MAX_NAMES_PER_TENANT}")
+            record = self.names.claim(stable, tenant)
+            self._changed()
+        return record
+
+    def _kept_port(self, tunnel: Tunnel, endpoint: Endpoint) -> bool:
+        """Whether the endpoint's port is its stable name's (kept when it closes)."""
+        record = self.names.get(tunnel.stable_name) if tunnel.stable_name is not None else None
+        return record is not None and record.ports.get(endpoint.service) == endpoint.port
+
+    # -- reclaims ----------------------------------------------------------------
+
+    @defer.inlineCallbacks
+    def reclaim(self, link, tunnel_id: str, secret: str, request: OpenTunnel | None = None):
+        """Attach a held tunnel to a new link, given its reclaim secret; a
+        tunnel restored after a restart takes its settings from `request`.
         Errs with ReclaimFailedError."""
         tunnel = yield self.directory.reclaim(tunnel_id, secret)
         if self._local.get(tunnel.tunnel_id) is not tunnel:
             # Held by the directory but not by this node (a fleet): not ours to move.
             raise TunnelRequestError(RequestErrorCode.RECLAIM_FAILED, "tunnel expired or unknown")
+        if tunnel.tenant != self.tenant_of(link) or (
+            request is not None and request.stable_name != tunnel.stable_name
+        ):
+            raise ReclaimFailedError(None, "tunnel expired or unknown")
+        if tunnel.restored:
+            self._refresh_restored(tunnel, request)
         self.grace.cancel(tunnel.tunnel_id)
+        tunnel.deadline = None
         replaced = yield self.directory.attach_link(tunnel, link, replace=True)
         for old in replaced:
             self._by_link.get(old, set()).discard(tunnel.tunnel_id)
@@ -284,7 +424,24 @@ class TunnelManager:
                 )
                 old.replace_session()
         self._log.info("tunnel {tunnel} reattached", tunnel=tunnel.tunnel_id)
+        self._changed()
         return tunnel
+
+    def _refresh_restored(self, tunnel: Tunnel, request: OpenTunnel | None) -> None:
+        """What the file does not keep comes from the reclaiming request,
+        which must ask for the same services."""
+        if request is None:
+            raise ReclaimFailedError(None, "tunnel expired or unknown")
+        wanted = [(s.name, s.kind) for s in request.services]
+        if wanted != [(e.service, e.kind) for e in tunnel.endpoints]:
+            raise ReclaimFailedError(None, "the reclaim asks for other services than the tunnel has")
+        for endpoint, service in zip(tunnel.endpoints, request.services):
+            endpoint.mode, endpoint.alpn = service.mode, service.alpn
+        tunnel.allow = request.allow
+        tunnel.client_ca = self._share_client_ca(request.client_ca)
+        if tunnel.client_ca is not None:
+            tunnel.client_ca_digest = hashlib.sha256(tunnel.client_ca).digest()
+        tunnel.restored = False
 
     # -- visitors ----------------------------------------------------------------
 
@@ -391,6 +548,7 @@ class TunnelManager:
             held.discard(tunnel.tunnel_id)
             if not held:
                 del self._tunnels_by_token[token_id]
+        tunnel.deadline = None
         links, tunnel.links = tunnel.links, []
         for link in links:
             self._by_link.get(link, set()).discard(tunnel.tunnel_id)
@@ -398,6 +556,7 @@ class TunnelManager:
         unbinding = self._release(tunnel)
         self.metrics.tunnel_closed(tunnel.tunnel_id, why)
         self._log.info("tunnel {tunnel} closed ({why})", tunnel=tunnel.tunnel_id, why=why)
+        self._changed()
         return unbinding
 
     def close_for_link(self, link, tunnel_id: str) -> None:
@@ -411,10 +570,12 @@ class TunnelManager:
         """Unbind, quarantine, forget names and ports; the Deferreds of the unbinding."""
         self._unshare_client_ca(tunnel.client_ca_digest)
         tunnel.client_ca = tunnel.client_ca_digest = None
+        if tunnel.stable_name is not None and self._named.get(tunnel.stable_name) is tunnel:
+            del self._named[tunnel.stable_name]
         unbinding = []
         for endpoint in tunnel.endpoints:
             if endpoint.kind == "tcp" and endpoint.port:
-                unbinding.append(self.ports.unbind(endpoint.port))
+                unbinding.append(self.ports.unbind(endpoint.port, keep=self._kept_port(tunnel, endpoint)))
         d = self.directory.remove(tunnel)
         d.addErrback(lambda f: self._log.failure("directory remove failed", f))
         return unbinding
@@ -436,7 +597,9 @@ class TunnelManager:
             self.close(tunnel, "agent closed it")
         else:
             tunnel.detached_at = self.reactor.seconds()
+            tunnel.deadline = tunnel.detached_at + self.grace_seconds
             self.grace.start(tunnel.tunnel_id, self.grace_seconds, lambda: self.close(tunnel, "grace period expired"))
+            self._changed()
             self._log.info(
                 "tunnel {tunnel} waits {seconds:.0f}s for its agent to come back",
                 tunnel=tunnel.tunnel_id, seconds=self.grace_seconds,
@@ -489,6 +652,148 @@ class TunnelManager:
         for tunnel in list(self._local.values()):
             unbinding.extend(self.close(tunnel, "relay stopping"))
         return defer.DeferredList(unbinding, consumeErrors=True)
+
+    # -- the state folder (relay/node/reservations.py) ------------------------------
+
+    def snapshot(self) -> dict:
+        """What a restarted relay needs to honour every reclaim and name."""
+        tunnels = []
+        for tunnel in self._local.values():
+            endpoints = []
+            for e in tunnel.endpoints:
+                item = {"service": e.service, "kind": e.kind}
+                if e.kind == "tcp":
+                    item["port"] = e.port
+                else:
+                    item.update(mode=e.mode, alpn=list(e.alpn), hostname=e.hostname)
+                endpoints.append(item)
+            tunnels.append({
+                "id": tunnel.tunnel_id,
+                "name": tunnel.name,
+                "created": tunnel.created,
+                "tenant": tunnel.tenant,
+                "token": self._token_of.get(tunnel.tunnel_id),  # its id, for the token's limits
+                "stable_name": tunnel.stable_name,
+                "secret_sha256": tunnel.reclaim_digest.hex(),
+                # None while served: a restart counts the grace from its going down.
+                "deadline": tunnel.deadline if tunnel.pick_link() is None else None,
+                "endpoints": endpoints,
+            })
+        quarantine = self.ports.allocator.quarantine()
+        return {
+            "tunnels": tunnels,
+            "names": self.names.encode(),
+            "quarantine": {str(port): until for port, until in quarantine.items()},
+        }
+
+    @defer.inlineCallbacks
+    def restore(self, snapshot: dict, down_at: float):
+        """Take back what the relay held when it went down at `down_at`:
+        names and their ports, the quarantine, and every tunnel whose grace
+        period is not over (ports bound again, hostnames reserved, a grace
+        timer for what is left); the others expire now. Fires with
+        (restored, expired)."""
+        now = self.reactor.seconds()
+        allocator = self.ports.allocator
+        skipped = restored = expired = 0
+        try:
+            self.names.load(snapshot.get("names") or {})
+        except (AttributeError, KeyError, TypeError, ValueError):
+            skipped += 1
+        for port in self.names.ports():
+            allocator.keep(port)
+        for port, until in (snapshot.get("quarantine") or {}).items():
+            try:
+                allocator.quarantine_until(int(port), float(until))
+            except (TypeError, ValueError):
+                skipped += 1
+        for item in snapshot.get("tunnels") or ():
+            try:
+                deadline = item.get("deadline")
+                deadline = float(deadline) if deadline is not None else down_at + self.grace_seconds
+                tunnel = self._restored_tunnel(item, min(down_at, now), deadline)
+            except (AttributeError, KeyError, TypeError, ValueError):
+                skipped += 1
+                continue
+            if deadline <= now:
+                expired += 1
+                self._expired_while_down(tunnel, now)
+                continue
+            token_id = item.get("token")
+            ok = yield self._rebind(tunnel, str(token_id) if token_id is not None else None)
+            if ok:
+                restored += 1
+                self.grace.start(tunnel.tunnel_id, deadline - now, lambda t=tunnel: self.close(t, "grace period expired"))
+            else:
+                expired += 1
+        self._log.info(
+            "reservations: {restored} tunnel(s) wait for their agents, {expired} expired while the relay "
+            "was down, {names} stable name(s){skipped}",
+            restored=restored, expired=expired, names=len(self.names.encode()),
+            skipped=f", {skipped} unreadable entries skipped" if skipped else "",
+        )
+        self._changed()
+        return restored, expired
+
+    def _restored_tunnel(self, item: dict, detached_at: float, deadline: float) -> Tunnel:
+        tunnel = Tunnel(
+            tunnel_id=str(item["id"]),
+            name=str(item.get("name", "")),
+            created=float(item.get("created", detached_at)),
+            reclaim_digest=bytes.fromhex(item["secret_sha256"]),
+            tenant=str(item.get("tenant", DEV_TENANT)),
+            stable_name=item.get("stable_name"),
+            detached_at=detached_at,
+            deadline=deadline,
+            restored=True,
+        )
+        if len(tunnel.reclaim_digest) != 32:
+            raise ValueError("a reclaim digest is 32 bytes")
+        for e in item["endpoints"]:
+            endpoint = Endpoint(str(e["service"]), str(e["kind"]))
+            if endpoint.kind == "tcp":
+                endpoint.port = int(e["port"])
+            elif endpoint.kind == "tls":
+                endpoint.mode = str(e.get("mode", "terminate"))
+                endpoint.alpn = tuple(str(p) for p in e.get("alpn", ()))
+                endpoint.hostname = str(e["hostname"])
+            else:
+                raise ValueError("bad kind")
+            tunnel.endpoints.append(endpoint)
+        return tunnel
+
+    def _expired_while_down(self, tunnel: Tunnel, now: float) -> None:
+        """Its ports rest in quarantine from now, as if it had expired here."""
+        for endpoint in tunnel.endpoints:
+            if endpoint.kind == "tcp" and not self._kept_port(tunnel, endpoint):
+                self.ports.allocator.quarantine_until(endpoint.port, now + self.ports.allocator.quarantine_seconds)
+
+    @defer.inlineCallbacks
+    def _rebind(self, tunnel: Tunnel, token_id: str | None = None):
+        """Bind a restored tunnel's ports and reserve its hostnames; False
+        (and nothing held) if one cannot be had."""
+        try:
+            for endpoint in tunnel.endpoints:
+                if endpoint.kind == "tcp":
+                    yield self._bind_endpoint(tunnel, endpoint, port=endpoint.port)
+                elif self.domain is None or not (
+                    yield self.directory.claim_hostname(endpoint.hostname, tunnel, endpoint)
+                ):
+                    raise NoPortsAvailableError(None, f"{endpoint.hostname} cannot be served")
+                else:
+                    endpoint.host, endpoint.port = endpoint.hostname, self.tls_port
+            yield self.directory.add(tunnel)
+        except TunnelRequestError as e:
+            self._log.warn("tunnel {tunnel} not restored: {error}", tunnel=tunnel.tunnel_id, error=str(e))
+            self._release(tunnel)
+            return False
+        self._local[tunnel.tunnel_id] = tunnel
+        if tunnel.stable_name is not None:
+            self._named[tunnel.stable_name] = tunnel
+        if token_id is not None:
+            self._tunnels_by_token.setdefault(token_id, set()).add(tunnel.tunnel_id)
+            self._token_of[tunnel.tunnel_id] = token_id
+        return True
 
     # -- views -------------------------------------------------------------------
 

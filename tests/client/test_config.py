@@ -85,3 +85,22 @@ def test_agent_toml(tmp_path):
     path.write_text("relya = 1\n")
     with pytest.raises(ConfigurationError, match="relya"):
         load_agent_config(str(path))
+
+
+def test_a_stable_name_names_the_one_tunnel_asked_for(tmp_path):
+    """--name travels as stable_name of the one tunnel (a target, or the services); with several tunnels, or bad, it is refused."""
+    from client.errors import BadNameError
+
+    (spec,) = build_specs(targets=["8000"], stable_name="web")
+    assert spec.wire()["stable_name"] == "web"
+    (spec,) = build_specs(services=["web=8000", "ssh=22:tcp"], stable_name="app")
+    assert spec.wire()["stable_name"] == "app"
+    assert "stable_name" not in build_specs(targets=["8000"])[0].wire()
+    with pytest.raises(ConfigurationError):
+        build_specs(targets=["8000", "9000"], stable_name="web")
+    with pytest.raises(BadNameError) as caught:
+        build_specs(targets=["8000"], stable_name="Web")
+    assert caught.value.exit_code == 2
+    path = tmp_path / "agent.toml"
+    path.write_text('name = "web"\nforward = [8000]\n')
+    assert load_agent_config(str(path))["name"] == "web"

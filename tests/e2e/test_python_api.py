@@ -337,6 +337,31 @@ def test_open_tunnel_from_twisted(relay, echo, stop_twisted_agents, kind):
 
 
 @pytest_twisted.inlineCallbacks
+def test_a_stable_name_gives_the_same_address_to_each_new_tunnel(relay, echo, stop_twisted_agents):
+    """open_tunnel(name=...) twice, closed in between, gives the same https://NAME-dev hostname and TCP port; a second live claim fails with NameInUseError."""
+    from twisted.internet import threads
+
+    from client import close_tunnel, open_tunnel
+
+    env = relay.client_env()
+    settings = {"relay": env["TUNNEL_RELAY"], "token": env["TUNNEL_TOKEN"], "ca": env["TUNNEL_CA"]}
+    seen = []
+    for _ in range(2):
+        tls = yield open_tunnel(echo.port, name="pyweb", **settings)
+        tcp = yield open_tunnel(echo.port, name="pydb", unencrypted=True, **settings)
+        assert tls.hostname == "pyweb-dev.tunnels.localhost"
+        info = {"tcp_socket": tcp.tcp_socket, "tls_socket": None}
+        yield threads.deferToThread(assert_serves, relay, info, b"named\n" * 1000)
+        seen.append((tls.url, tcp.url))
+        if len(seen) == 2:
+            with pytest.raises(client.NameInUseError):
+                yield open_tunnel(echo.port, name="pydb", unencrypted=True, **settings)
+        yield close_tunnel(tls)
+        yield close_tunnel(tcp)
+    assert seen[0] == seen[1]
+
+
+@pytest_twisted.inlineCallbacks
 def test_open_tunnel_errors_arrive_as_failures(stop_twisted_agents, tmp_path):
     """From Twisted code, configuration errors and an unreachable relay arrive as the Deferred's failure, never raised."""
     from client import open_tunnel

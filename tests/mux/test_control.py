@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 from relay.mux import MuxProtocolError
 from relay.mux import control as c
 from relay.mux import events as ev
+from client.config import ServiceSpec, TunnelSpec
 from tests.mux.helpers import LinkPair
 from tests.mux.test_frames import VECTORS
 
@@ -33,6 +34,13 @@ VECTOR = {v["name"]: v for v in VECTORS}
             ),
         ),
         ("control-refused", c.error_reply(1, c.NoPortsAvailableError(None, "no free port"))),
+        (
+            "control-open-named",
+            c.open_tunnel_request(3, TunnelSpec(
+                [ServiceSpec("localhost", 8000, kind="tls")], stable_name="web",
+            ).wire()),
+        ),
+        ("control-name-taken", c.error_reply(3, c.NameTakenError(None, "the name 'web' belongs to another tenant"))),
         ("control-close-tunnel", c.close_tunnel_request(2, "t1")),
         ("control-closed", c.ok_reply(2)),
     ],
@@ -51,6 +59,25 @@ def test_relay_reads_the_open_tunnel_vector():
     assert isinstance(event, ev.ControlReceived)
     request = c.parse_request(event.message)
     assert request == c.OpenTunnel(1, (c.ServiceRequest("", "tcp", None, ()),), name="22")
+
+
+def test_relay_reads_the_named_vector_and_the_agent_its_refusal():
+    """The stable-name bytes decode into a request with that name; the refusal into NameTakenError (exit 9)."""
+    pair = LinkPair()
+    [event] = pair.relay.receive_data(VECTOR["control-open-named"]["bytes"])
+    request = c.parse_request(event.message)
+    assert request.stable_name == "web" and request.name == "8000"
+    [event] = pair.agent.receive_data(VECTOR["control-name-taken"]["bytes"])
+    reply = c.parse_reply(event.message)
+    assert isinstance(reply.error, c.NameTakenError) and reply.error.exit_code == 9
+
+
+@pytest.mark.parametrize("name", ["Web", "-web", "web-", "a--b", "a" * 33, "", "w.b", "wéb", None, 7, ["web"]])
+def test_a_bad_stable_name_is_bad_name(name):
+    """stable_name is one lowercase DNS label of 1-32 characters without "--"; anything else is bad_name (exit 2)."""
+    with pytest.raises(c.BadNameError) as caught:
+        c.parse_request({"id": 1, "op": "open_tunnel", "stable_name": name})
+    assert caught.value.code is c.RequestErrorCode.BAD_NAME and caught.value.exit_code == 2
 
 
 def test_agent_reads_the_reply_vectors():

@@ -23,10 +23,14 @@ class Node:
     """A TunnelManager, its metrics and an agent-link factory on one MemoryReactorClock."""
 
     def __init__(self, grace_seconds: float = 60.0, quarantine_seconds: float = 120.0, directory=None, limits=None,
-                 metrics=None):
+                 metrics=None, grants=None, state_dir=None, now: float = 0.0):
         """`directory`: a directory class, made with this node's clock (default MemoryDirectory);
-        `metrics(node)`: the node's metrics observer (default Counters)."""
+        `metrics(node)`: the node's metrics observer (default Counters).
+        `grants`: token -> Grant (default: TOKEN, the dev tenant's). `state_dir`: keep
+        reservations there (written inline, no thread), as a relay does; `now`: the clock's start."""
         self.reactor = MemoryReactorClock()
+        self.reactor.advance(now)
+        grants = grants if grants is not None else {TOKEN: DEV_GRANT}
         self.metrics = metrics(self) if metrics is not None else Counters()
         self.allocator = PortAllocator(LOW, HIGH, quarantine_seconds, self.reactor)
         self.tunnels = TunnelManager(
@@ -43,16 +47,33 @@ class Node:
         self.factory = AgentLinkFactory(
             self.reactor,
             self.tunnels,
-            lambda token: DEV_GRANT if token == TOKEN else None,
+            lambda token: grants.get(token) if isinstance(token, str) else None,
             metrics=self.metrics,
             keepalive_interval_seconds=10,
             keepalive_timeout_seconds=30,
         )
 
+        self.journal = None
+        if state_dir is not None:
+            from twisted.internet import defer
+
+            from relay.node.reservations import ReservationFile
+
+            self.journal = self.tunnels.journal = ReservationFile(
+                state_dir, self.reactor, self.tunnels.snapshot, run_blocking=defer.maybeDeferred,
+            )
+
+    def restore(self):
+        """What a starting relay does with its state folder; (restored, expired)."""
+        loaded = self.journal.load()
+        self.journal.start()
+        return self.tunnels.restore(*loaded).result if loaded is not None else None
+
     def listener(self, port: int):
-        """The factory listening on `port` (the memory reactor records every listenTCP)."""
-        [factory] = [f for p, f, _backlog, _iface in self.reactor.tcpServers if p == port]
-        return factory
+        """The factory listening on `port` (the memory reactor records every
+        listenTCP; the latest one, after a port was bound again)."""
+        factories = [f for p, f, _backlog, _iface in self.reactor.tcpServers if p == port]
+        return factories[-1]
 
     def agent(self, token: str = TOKEN) -> "Agent":
         return Agent(self, token)
