@@ -294,7 +294,8 @@ class RelayNode(service.MultiService):
             )
         else:
             self._log.info(
-                "agent port certificate: {path} (--{source}); agents trust it through their system store",
+                "agent port certificate: {path} (--{source}); client.env has no TUNNEL_CA: agents check it "
+                "against their system trust store",
                 path=o[o["agent-tls"]], source=o["agent-tls"],
             )
         if self.state.client_env_path.exists():
