@@ -16,11 +16,13 @@ import random
 import ssl
 
 from twisted.application.internet import ClientService
-from twisted.internet import defer
+from twisted.internet import defer, error as net_error
 from twisted.internet.endpoints import HostnameEndpoint
 from twisted.internet.error import NotConnectingError
+from twisted.internet.interfaces import IStreamClientEndpoint
 from twisted.internet.protocol import ClientFactory, Factory
 from twisted.logger import Logger
+from zope.interface import implementer
 
 from client.errors import (
     AuthenticationError,
@@ -32,7 +34,7 @@ from client.errors import (
     TunnelError,
     TunnelLostError,
 )
-from client.config import ServiceSpec, TunnelSpec, parse_host_port
+from client.config import ServiceSpec, TunnelSpec, format_target, parse_host_port
 from client.proxyheader import proxy_header
 from relay.wire.link import DEFAULT_KEEPALIVE_INTERVAL_SECONDS, DEFAULT_KEEPALIVE_TIMEOUT_SECONDS, MuxLink
 from relay.mux import ErrorCode, MuxConnection, Role
@@ -48,12 +50,60 @@ SERVICE_CONNECT_TIMEOUT_SECONDS = 10.0
 # (the relay itself caps unanswered opens at 256 per link).
 MAX_STREAMS_PER_LINK = 65_536
 MAX_DIALS_IN_PROGRESS = 1024
+# The TCP connect, and then the TLS handshake, each get this long (--connect-timeout).
 RELAY_CONNECT_TIMEOUT_SECONDS = 10.0
 # Reconnect backoff: steps of 1 s, doubling, capped at 20 s, each lengthened by
 # up to 50% jitter (so 1-1.5 s first, 30 s at most), so a relay restart is not
 # met by every agent in the same instant.
 BACKOFF_INITIAL_SECONDS = 1.0
 BACKOFF_MAX_STEP_SECONDS = 20.0
+
+
+_WRONG_NAME = "the relay's certificate does not name"
+
+
+class _WrongNameError(ValueError):
+    """The relay's certificate is valid but for other names (its message
+    starts with _WRONG_NAME, which reaches tls_failed as text)."""
+
+
+def _certificate_names(certificate) -> list[str]:
+    from cryptography import x509
+
+    try:
+        san = certificate.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        return []
+    return [str(n) for n in san.get_values_for_type(x509.DNSName)] + [
+        str(ip) for ip in san.get_values_for_type(x509.IPAddress)
+    ]
+
+
+class _QuietClientService(ClientService):
+    """ClientService without its "Scheduling retry N to connect <endpoint>"
+    line: the agent says why each attempt failed, in its own words."""
+
+    _log = Logger(observer=lambda event: None)
+
+
+@implementer(IStreamClientEndpoint)
+class _ReportingEndpoint:
+    """The relay's endpoint, telling the agent why a connect failed before
+    ClientService asks the retry policy (which prints it)."""
+
+    def __init__(self, endpoint, on_failed):
+        self._endpoint = endpoint
+        self._on_failed = on_failed
+
+    def connect(self, factory):
+        def failed(failure):
+            self._on_failed(failure)
+            return failure
+
+        return self._endpoint.connect(factory).addErrback(failed)
+
+    def __repr__(self):
+        return repr(self._endpoint)
 
 
 class Endpoint:
@@ -357,6 +407,7 @@ class TunnelAgent:
         on_tunnel=None,
         fail_on_refusal: bool = True,
         max_retries: int | None = None,
+        connect_timeout_seconds: float = RELAY_CONNECT_TIMEOUT_SECONDS,
         keepalive_interval_seconds: float = DEFAULT_KEEPALIVE_INTERVAL_SECONDS,
         keepalive_timeout_seconds: float = DEFAULT_KEEPALIVE_TIMEOUT_SECONDS,
         metrics=NULL_METRICS,
@@ -372,6 +423,7 @@ class TunnelAgent:
         self.on_tunnel = on_tunnel or (lambda tunnel, event: None)
         self.fail_on_refusal = fail_on_refusal
         self.max_retries = max_retries
+        self.connect_timeout_seconds = connect_timeout_seconds
         self.keepalive_interval_seconds = keepalive_interval_seconds
         self.keepalive_timeout_seconds = keepalive_timeout_seconds
         self.metrics = metrics  # relay.wire.metrics.IMetricsObserver
@@ -385,6 +437,7 @@ class TunnelAgent:
         self._service: ClientService | None = None
         self._link_gone: defer.Deferred | None = None
         self._attempts_since_link = 0  # failed connects and lost links since the last ready link
+        self._failure_reason: str | None = None  # why the current attempt failed, once known
         self._resolved: dict[ServiceSpec, tuple[str, int]] = {}
         self._server_contexts: dict[ServiceSpec, ssl.SSLContext] = {}  # --cert/--key services
 
@@ -460,6 +513,7 @@ class TunnelAgent:
     def _verify_relay(self, der: bytes | None) -> None:
         """The relay's certificate must name the host we dialled (RFC 6125, service-identity)."""
         from cryptography import x509
+        from service_identity import CertificateError, VerificationError
         from service_identity.cryptography import (
             verify_certificate_hostname,
             verify_certificate_ip_address,
@@ -469,15 +523,22 @@ class TunnelAgent:
             raise ValueError("the relay presented no certificate")
         certificate = x509.load_der_x509_certificate(der)
         try:
-            ipaddress.ip_address(self.relay_host)
-        except ValueError:
-            verify_certificate_hostname(certificate, self.relay_host)
-        else:
-            verify_certificate_ip_address(certificate, self.relay_host)
+            try:
+                ipaddress.ip_address(self.relay_host)
+            except ValueError:
+                verify_certificate_hostname(certificate, self.relay_host)
+            else:
+                verify_certificate_ip_address(certificate, self.relay_host)
+        except (VerificationError, CertificateError):
+            raise _WrongNameError(
+                f"{_WRONG_NAME} {self.relay_host} (it names "
+                f"{', '.join(_certificate_names(certificate)) or 'nothing'}): "
+                "set TUNNEL_RELAY / --relay to one of those names"
+            ) from None
 
     def _endpoint_and_factory(self):
         tcp = HostnameEndpoint(
-            self.reactor, self.relay_host, self.relay_port, timeout=RELAY_CONNECT_TIMEOUT_SECONDS
+            self.reactor, self.relay_host, self.relay_port, timeout=self.connect_timeout_seconds
         )
         # The agent link's TLS is our stdlib-ssl layer: one C call per frame
         # (relay/wire/tlslayer.py), and no global reactor behind our back.
@@ -485,25 +546,47 @@ class TunnelAgent:
             self._client_context(), _AgentLinkFactory(self), self.reactor,
             server_side=False, server_hostname=self.relay_host, verify=self._verify_relay,
             on_handshake_failed=self.tls_failed,
-            handshake_timeout_seconds=RELAY_CONNECT_TIMEOUT_SECONDS,
+            handshake_timeout_seconds=self.connect_timeout_seconds,
         )
-        return tcp, factory
+        return _ReportingEndpoint(tcp, self.connect_failed), factory
 
-    def _retry_delay(self, failed_attempts: int) -> float:
-        if self.max_retries is not None and failed_attempts > self.max_retries:
-            self.reactor.callLater(0, self.fail, RelayUnreachableError(
-                f"gave up on the relay {self.relay_host}:{self.relay_port} "
-                f"after {self.max_retries} retries"
-            ))
-        if failed_attempts > 1 or not self._ever_ready:
-            self._log.info(
-                "relay {host}:{port} unreachable (attempt {n}); retrying",
-                host=self.relay_host, port=self.relay_port, n=failed_attempts,
-            )
+    @staticmethod
+    def _backoff_seconds(failed_attempts: int) -> float:
         step = min(BACKOFF_MAX_STEP_SECONDS, BACKOFF_INITIAL_SECONDS * 2 ** min(failed_attempts - 1, 16))
         # Jitter only lengthens a step: retries never come faster than once a
         # second (the first ones came every 0.26-0.5 s), at most every 30 s.
         return step * (1.0 + random.random() / 2)
+
+    def _retry_delay(self, failed_attempts: int) -> float:
+        """The wait before the next attempt, saying once why this one failed.
+
+        `failed_attempts` counts from the last ready link. Before the first
+        link each count is an attempt that failed; after a lost link the first
+        count is the loss itself (link_lost logs it) and each later one a
+        reconnect that failed. Past `max_retries` the agent gives up: after
+        the first attempt and N retries, or after N reconnects following a loss."""
+        delay = self._backoff_seconds(failed_attempts)
+        reason, self._failure_reason = self._failure_reason, None
+        giving_up = self.max_retries is not None and failed_attempts > self.max_retries
+        if self._ever_ready:
+            number, total, what = failed_attempts - 1, self.max_retries, "reconnect"
+        else:
+            total = None if self.max_retries is None else self.max_retries + 1
+            number, what = failed_attempts, "attempt"
+        if number > 0:
+            self._log.warn(
+                "cannot reach the relay {relay} ({what} {number}{of}): {reason}{then}",
+                relay=self.relay_address, what=what, number=number,
+                of="" if total is None else f" of {total}",
+                reason=reason or "the connection closed before the session started",
+                then="" if giving_up else f"; retrying in {delay:.1f} s",
+            )
+        if giving_up:
+            tries = f"{number} {what}{'' if number == 1 else 's'}"
+            self.reactor.callLater(0, self.fail, RelayUnreachableError(
+                f"gave up on the relay {self.relay_address} after {tries} (--max-retries {self.max_retries})"
+            ))
+        return delay
 
     def _next_retry_delay(self, failed_attempts: int) -> float:
         """ClientService's retryPolicy. Its count restarts at every TCP connect,
@@ -513,9 +596,27 @@ class TunnelAgent:
         self._attempts_since_link += 1
         return self._retry_delay(self._attempts_since_link)
 
+    @property
+    def relay_address(self) -> str:
+        return format_target(self.relay_host, self.relay_port)
+
+    def connect_failed(self, failure) -> None:
+        """The TCP connect to the relay failed: remember why, in our words."""
+        if failure.check(defer.CancelledError, net_error.ConnectingCancelledError):
+            return  # we are stopping
+        if failure.check(net_error.ConnectionRefusedError):
+            reason = "connection refused (is the relay running, and is this its agent port?)"
+        elif failure.check(net_error.DNSLookupError):
+            reason = f"the name {self.relay_host} does not resolve"
+        elif failure.check(net_error.TimeoutError):
+            reason = f"timed out: no answer within {self.connect_timeout_seconds:g} s"
+        else:
+            reason = failure.getErrorMessage()
+        self._failure_reason = reason
+
     def start(self) -> None:
         endpoint, factory = self._endpoint_and_factory()
-        self._service = ClientService(endpoint, factory, retryPolicy=self._next_retry_delay, clock=self.reactor)
+        self._service = _QuietClientService(endpoint, factory, retryPolicy=self._next_retry_delay, clock=self.reactor)
         self._service.startService()
 
     def stop(self) -> defer.Deferred:
@@ -590,15 +691,36 @@ class TunnelAgent:
         self._log.warn("lost the link to the relay; reconnecting")
 
     def tls_failed(self, reason: str) -> None:
-        message = f"TLS with the relay {self.relay_host}:{self.relay_port} failed: {reason}"
+        """The TLS handshake with the relay failed. Before any session a
+        certificate that does not verify is a set-up problem no retry fixes:
+        the agent exits (code 4). Otherwise remember why, for the retry line."""
         lowered = reason.lower()
-        if not self._ever_ready and ("certificate" in lowered or "verif" in lowered or "hostname" in lowered):
-            # Before any session succeeded this is a set-up problem, not a network blip.
-            self.fail(RelayVerificationError(
-                message + " (is TUNNEL_CA / --ca the relay's CA, and TUNNEL_RELAY the name in its certificate?)"
-            ))
+        verify = False
+        if reason.startswith(_WRONG_NAME):
+            verify, message = True, reason
+        elif "certificate verify failed" in lowered:
+            detail = reason.split("certificate verify failed:", 1)[-1].strip(" ()") or reason
+            trust = (
+                f"TUNNEL_CA / --ca is {self.ca_path}" if self.ca_path
+                else "no TUNNEL_CA / --ca is set, so the system trust store was used"
+            )
+            verify, message = True, (
+                f"the relay's certificate is not trusted ({detail}); {trust}: point TUNNEL_CA at "
+                "the CA that signed it (a development relay's is relay-state/ca.pem)"
+            )
+        elif "handshake not done" in lowered:
+            message = (
+                f"timed out: no TLS answer within {self.connect_timeout_seconds:g} s "
+                "(is this the relay's agent port?)"
+            )
+        elif "during the tls handshake" in lowered:
+            message = "the connection closed during the TLS handshake (is this the relay's agent port?)"
         else:
-            self._log.warn("{message}", message=message)
+            message = f"TLS failed: {reason}"
+        if verify and not self._ever_ready:
+            self.fail(RelayVerificationError(f"cannot use the relay {self.relay_address}: {message}"))
+            return
+        self._failure_reason = message
 
     # -- control ---------------------------------------------------------------------------
 

@@ -22,7 +22,12 @@ EPILOG = """\
 environment:
   TUNNEL_RELAY  relay agent address, HOST:PORT (e.g. localhost:17000)
   TUNNEL_TOKEN  agent token (from the relay's client.env)
-  TUNNEL_CA     CA file that signed the relay's certificate (default: system store)
+  TUNNEL_CA     CA file that signed the relay's certificate (unset: the system trust
+                store, which SSL_CERT_FILE / SSL_CERT_DIR may point elsewhere)
+
+exit codes: 2 usage or configuration, 3 token refused, 4 relay certificate not
+trusted or for another name, 5 relay unreachable (--max-retries used up),
+6 a limit or no free port, 7 an address lost, 8 protocol version mismatch
 
 Load a relay's development settings with:  set -a; . relay-state/client.env; set +a
 """
@@ -74,8 +79,14 @@ def _add_common_options(command: argparse.ArgumentParser) -> None:
     relay.add_argument("--config", metavar="FILE", help="agent TOML file (see the README)")
     relay.add_argument(
         "--max-retries", type=int, default=None, metavar="N",
-        help="give up after N failed reconnects (0: exit as soon as the link is lost; "
-        "for supervisors such as systemd or Docker); default: retry forever",
+        help="give up (exit code 5) after the first attempt and N retries, or after N failed "
+        "reconnects once a link was lost (0: exit as soon as it fails or is lost; for "
+        "supervisors such as systemd or Docker); default: retry forever",
+    )
+    relay.add_argument(
+        "--connect-timeout", type=float, default=None, metavar="SECONDS",
+        help="give the relay this long to accept the TCP connection, and as long again for "
+        "the TLS handshake (default 10)",
     )
     relay.add_argument(
         "--keepalive-interval", type=float, default=None, metavar="SECONDS",
@@ -178,6 +189,11 @@ def _settings(args) -> dict:
     max_retries = pick("max_retries")
     if max_retries is not None and (not isinstance(max_retries, int) or max_retries < 0):
         raise ConfigurationError("--max-retries must be 0 or more")
+    connect_timeout = pick("connect_timeout")
+    if connect_timeout is not None and (
+        isinstance(connect_timeout, bool) or not isinstance(connect_timeout, (int, float)) or not connect_timeout > 0
+    ):
+        raise ConfigurationError("--connect-timeout must be a number of seconds above 0")
     client_ca_path = pick("client_ca")
     client_ca = None
     if client_ca_path:
@@ -208,7 +224,8 @@ def _settings(args) -> dict:
         raise ConfigurationError(f"log_format must be text or json, not {log_format!r}")
     return {
         "relay": relay, "token": token, "ca": ca, "specs": specs,
-        "max_retries": max_retries, "json": bool(pick("json")), "log_format": log_format,
+        "max_retries": max_retries, "connect_timeout": connect_timeout, "json": bool(pick("json")),
+        "log_format": log_format,
         "metrics": _metrics_address(pick("metrics_port"), pick("metrics_interface")),
     }
 
@@ -241,6 +258,7 @@ def _start_logging(verbose: bool, log_format: str = "text") -> None:
         FilteringLogObserver,
         LogLevel,
         LogLevelFilterPredicate,
+        PredicateResult,
         formatEvent,
         globalLogBeginner,
     )
@@ -253,6 +271,16 @@ def _start_logging(verbose: bool, log_format: str = "text") -> None:
         prefix = "" if level in (LogLevel.info, LogLevel.debug) else f"{level.name}: "
         return f"tunnel-client: {prefix}{text}\n"
 
+    def not_twisted_chatter(event) -> PredicateResult:
+        # Twisted's own info lines ("Main loop terminated.", "Starting factory
+        # ...") say nothing to a user: the agent reports in its own words.
+        # Its warnings and errors still pass; -v shows everything.
+        namespace = event.get("log_namespace") or ""
+        level = event.get("log_level")
+        if namespace.startswith("twisted.") and level in (LogLevel.debug, LogLevel.info):
+            return PredicateResult.no
+        return PredicateResult.maybe
+
     predicate = LogLevelFilterPredicate(defaultLogLevel=LogLevel.debug if verbose else LogLevel.info)
     if log_format == "json":
         from relay.wire.jsonlog import json_file_observer
@@ -260,7 +288,8 @@ def _start_logging(verbose: bool, log_format: str = "text") -> None:
         output = json_file_observer(sys.stderr)
     else:
         output = FileLogObserver(sys.stderr, format_line)
-    observer = FilteringLogObserver(output, [predicate])
+    predicates = [predicate] if verbose else [not_twisted_chatter, predicate]
+    observer = FilteringLogObserver(output, predicates)
     globalLogBeginner.beginLoggingTo([observer], redirectStandardIO=False)
 
 
@@ -331,6 +360,8 @@ def _run(args) -> int:
         kwargs["keepalive_interval_seconds"] = args.keepalive_interval
     if args.keepalive_timeout is not None:
         kwargs["keepalive_timeout_seconds"] = args.keepalive_timeout
+    if settings["connect_timeout"] is not None:
+        kwargs["connect_timeout_seconds"] = float(settings["connect_timeout"])
     holder = {}
     if settings["metrics"] is not None:
         from relay.wire.prommetrics import PrometheusMetrics

@@ -404,10 +404,15 @@ class AgentLinkFactory(ServerFactory):
 class AgentPortFactory(TLSLayerFactory):
     """The agent port: our stdlib TLS layer around each RelayLink, telling the
     link when its raw connection ends, so a login that never got past TLS
-    still leaves the login guard's count."""
+    still leaves the login guard's count.
+
+    `context` is an SSLContext or a callable returning the current one
+    (TLSContexts.server_context): asked per connection, so a reloaded
+    certificate serves new agents while live links keep their session."""
 
     def buildProtocol(self, addr):
         link = self.wrapped.buildProtocol(addr)
         if link is None:
             return None
-        return TLSLayer(self.context, link, self.clock, on_lost=link.login_ended, **self.layer_options)
+        context = self.context() if callable(self.context) else self.context
+        return TLSLayer(context, link, self.clock, on_lost=link.login_ended, **self.layer_options)

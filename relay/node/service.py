@@ -9,9 +9,9 @@ common services, and never overlapping each other:
     unencrypted tunnel ports 20000-29999
 """
 
+import ipaddress
 import resource
 import signal
-import ssl
 import sys
 
 from twisted.application import service, strports
@@ -53,7 +53,9 @@ SETTINGS = {
     "domain": ("tunnels.localhost", str, "Encrypted tunnels get https://<id>.<domain>."),
     "cert": (None, str, "Certificate chain (PEM) for *.<domain>; default: issued by the dev CA."),
     "key": (None, str, "Private key (PEM) of --cert."),
-    "cert-check-seconds": (30.0, float, "How often to look for a renewed --cert/--key (also on SIGHUP)."),
+    "agent-cert": (None, str, "Certificate chain (PEM) the agent port presents; default: --cert if it names the agents' host, else issued by the dev CA."),
+    "agent-key": (None, str, "Private key (PEM) of --agent-cert."),
+    "cert-check-seconds": (30.0, float, "How often to look for a renewed --cert/--key or --agent-cert/--agent-key (also on SIGHUP)."),
     "tokens-check-seconds": (2.0, float, "How often to look for a changed tokens file (also on SIGHUP)."),
     "admin-port": (17080, int, "Admin HTTP port (GET /healthz, GET /v1/tunnels, GET /metrics); 0 disables."),
     "admin-interface": ("127.0.0.1", str, "Address the admin port binds; keep it private."),
@@ -144,6 +146,10 @@ class Options(usage.Options):
                 raise usage.UsageError(f"--{name} {self[name]} lies inside --ports {self['ports']}")
         if bool(self["cert"]) != bool(self["key"]):
             raise usage.UsageError("--cert and --key go together")
+        if bool(self["agent-cert"]) != bool(self["agent-key"]):
+            raise usage.UsageError("--agent-cert and --agent-key go together")
+        self["agent-host"] = agent_host(self["public-host"], self["agent-interface"])
+        self["agent-tls"] = agent_certificate_source(self)
         domain = (self["domain"] or "").strip(".").lower()
         if self["tls-port"] and (not domain or "." not in domain):
             # A wildcard needs two labels after "*." (OpenSSL refuses *.localhost).
@@ -155,6 +161,69 @@ class Options(usage.Options):
             raise usage.UsageError("--keepalive-timeout must exceed --keepalive-interval")
         if self["link-buffer-cap"] < MIN_LINK_BUFFER_CAP:
             raise usage.UsageError(f"--link-buffer-cap must be at least {MIN_LINK_BUFFER_CAP} bytes")
+
+
+def agent_host(public_host: str, agent_interface: str) -> str:
+    """The host agents dial (client.env's TUNNEL_RELAY): --public-host, except
+    that the default `localhost` becomes the agent port's address when that is
+    one specific IP other than 127.0.0.1, which `localhost` may not reach
+    (`--interface ::1`: /etc/hosts often maps localhost to 127.0.0.1 only)."""
+    if public_host != "localhost":
+        return public_host
+    try:
+        bound = ipaddress.ip_address(agent_interface)
+    except ValueError:
+        return public_host
+    if bound.is_unspecified or bound == ipaddress.ip_address("127.0.0.1"):
+        return public_host
+    return str(bound)
+
+
+def host_port(host: str, port: int) -> str:
+    """HOST:PORT as tunnel-client parses it (client/config.py): [IPv6]:PORT."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def agent_certificate_source(options) -> str:
+    """Which pair the agent port presents: "agent-cert", "cert" (the wildcard
+    pair names the agents' host, so agents trust it as they trust visitors'
+    certificates) or "dev" (issued by the development CA: agents need it)."""
+    from relay.node.tlsfront import certificate_covers
+
+    host = options["agent-host"]
+    for name in ("agent-cert", "cert"):
+        path = options[name]
+        if not path:
+            continue
+        try:
+            covers = certificate_covers(path, host)
+        except (OSError, ValueError) as e:
+            raise usage.UsageError(f"--{name} {path}: not a readable PEM certificate ({e})") from None
+        if covers:
+            return name
+        if name == "agent-cert":
+            raise usage.UsageError(
+                f"--agent-cert {path} does not name {host}, the host agents dial "
+                "(--public-host): they would refuse it"
+            )
+    return "dev"
+
+
+def development_names(options) -> tuple[list[str], list[str]]:
+    """(DNS names, IP addresses) the development certificate must name:
+    localhost and loopback, the agents' host, and every address the relay binds
+    that an agent could dial (not 0.0.0.0 or ::)."""
+    hostnames, ips = [], ["127.0.0.1", "::1"]
+    for value in (options["agent-host"], options["public-host"], "localhost", options["interface"], options["agent-interface"]):
+        try:
+            ip = ipaddress.ip_address(value)
+        except ValueError:
+            if value not in hostnames:
+                hostnames.append(value)
+            continue
+        if not ip.is_unspecified and str(ip) not in ips:
+            ips.append(str(ip))
+    return hostnames, ips
 
 
 def raise_open_file_limit() -> int:
@@ -181,13 +250,13 @@ class RelayNode(service.MultiService):
         self.tunnels = tunnels
         self.metrics = metrics
 
-    tls_contexts = None
+    tls_contexts = ()  # every TLSContexts of the node: the wildcard's, the agent port's
     token_store = None
 
     def reload(self) -> None:
-        """SIGHUP: the certificate and the tokens file, each kept if its new version is bad."""
-        if self.tls_contexts is not None:
-            self.tls_contexts.reload()
+        """SIGHUP: the certificates and the tokens file, each kept if its new version is bad."""
+        for contexts in self.tls_contexts:
+            contexts.reload()
         if self.token_store is not None:
             self.token_store.reload()
 
@@ -214,7 +283,7 @@ class RelayNode(service.MultiService):
         super().startService()
         from twisted.internet import reactor
 
-        # SIGHUP: pick up a renewed certificate and changed tokens now (a
+        # SIGHUP: pick up renewed certificates and changed tokens now (a
         # signal handler may not touch the reactor's state, so hop onto the
         # reactor first).
         signal.signal(signal.SIGHUP, lambda *_: reactor.callFromThread(self.reload))
@@ -226,6 +295,18 @@ class RelayNode(service.MultiService):
             iface=o["interface"], admin_iface=o["admin-interface"], admin_port=o["admin-port"],
             domain=o["domain"], tls_port=o["tls-port"],
         )
+        if o["agent-tls"] == "dev":
+            self._log.info(
+                "agent port certificate: the development CA's for {host} (agents need TUNNEL_CA={ca}; "
+                "--agent-cert/--agent-key, or a --cert naming {host}, give it one the system store trusts)",
+                host=o["agent-host"], ca=str(self.state.ca_cert_path),
+            )
+        else:
+            self._log.info(
+                "agent port certificate: {path} (--{source}); client.env has no TUNNEL_CA: agents check it "
+                "against their system trust store",
+                path=o[o["agent-tls"]], source=o["agent-tls"],
+            )
         if self.state.client_env_path.exists():
             self._log.info(
                 "next, on the agent's machine: set -a; . {env}; set +a; "
@@ -271,12 +352,14 @@ def makeService(options) -> service.IService:
 
     raise_open_file_limit()
     o = options
-    hostnames = ["localhost"] if o["public-host"] == "localhost" else [o["public-host"], "localhost"]
+    hostnames, ips = development_names(o)
     state = relay_state.load_or_create(
         o["state-dir"],
-        agent_address=f"{o['public-host']}:{o['agent-port']}",
+        agent_address=host_port(o["agent-host"], o["agent-port"]),
         hostnames=hostnames,
+        ip_addresses=ips,
         rotate_token=o["rotate-token"],
+        agents_need_ca=o["agent-tls"] == "dev",
     )
     low, high = o["port-range"]
     allocator = PortAllocator(low, high, o["port-quarantine-seconds"], reactor)
@@ -323,35 +406,43 @@ def makeService(options) -> service.IService:
         link_buffer_cap=o["link-buffer-cap"],
     )
     q = quoteStringArgument
+    from relay.node.tlsfront import TLSContexts, TLSFrontFactory
+
+    wildcard = None
+    if o["cert"]:
+        wildcard = TLSContexts(o["cert"], o["key"])
+    elif o["tls-port"]:
+        cert_path = state.state_dir / "wildcard.pem"
+        key_path = state.state_dir / "wildcard-key.pem"
+        relay_state.issue_certificate(state, [f"*.{o['domain']}", o["domain"]], cert_path, key_path)
+        wildcard = TLSContexts(cert_path, key_path)
+    if o["agent-tls"] == "agent-cert":
+        agent_contexts = TLSContexts(o["agent-cert"], o["agent-key"])
+    elif o["agent-tls"] == "cert":
+        agent_contexts = wildcard  # one pair, one reload
+    else:
+        agent_contexts = TLSContexts(state.cert_path, state.key_path)
+    node.tls_contexts = tuple(c for c in dict.fromkeys((wildcard, agent_contexts)) if c is not None)
+
     # The agent link's TLS is our stdlib-ssl layer (relay/wire/tlslayer.py: one C
-    # call per frame instead of Twisted's four), over a plain TCP endpoint.
-    agent_tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    agent_tls.minimum_version = ssl.TLSVersion.TLSv1_2
-    agent_tls.load_cert_chain(str(state.cert_path), str(state.key_path))
+    # call per frame instead of Twisted's four), over a plain TCP endpoint. The
+    # context is asked for per connection: a reload reaches new agents only.
     agent_endpoint = f"tcp:{o['agent-port']}:interface={q(o['agent-interface'])}:backlog={LISTEN_BACKLOG}"
     strports.service(
         agent_endpoint,
         AgentPortFactory(
-            agent_tls, agent_factory, reactor, handshake_timeout_seconds=o["handshake-timeout"],
+            agent_contexts.server_context, agent_factory, reactor,
+            handshake_timeout_seconds=o["handshake-timeout"],
             on_handshake_failed=agent_factory.tls_handshake_failed,
         ),
     ).setServiceParent(node)
 
     if o["tls-port"]:
-        from relay.node.tlsfront import TLSContexts, TLSFrontFactory
-
-        if o["cert"]:
-            cert_path, key_path = o["cert"], o["key"]
-        else:
-            cert_path = state.state_dir / "wildcard.pem"
-            key_path = state.state_dir / "wildcard-key.pem"
-            relay_state.issue_certificate(state, [f"*.{o['domain']}", o["domain"]], cert_path, key_path)
-        contexts = TLSContexts(cert_path, key_path)
-        node.tls_contexts = contexts
         tls_endpoint = f"tcp:{o['tls-port']}:interface={q(o['interface'])}:backlog={LISTEN_BACKLOG}"
-        tls_front = TLSFrontFactory(tunnels, contexts, reactor, metrics)
+        tls_front = TLSFrontFactory(tunnels, wildcard, reactor, metrics)
         tls_front.visitor_fd_limit = agent_factory.visitor_fd_limit
         strports.service(tls_endpoint, tls_front).setServiceParent(node)
+    for contexts in node.tls_contexts:
         TimerService(o["cert-check-seconds"], contexts.reload_if_changed).setServiceParent(node)
 
     if o["admin-port"]:

@@ -9,7 +9,8 @@ on every later one::
     relay.pem       the relay's certificate chain: leaf, then CA (PEM)
     relay-key.pem   the leaf's private key (0600)
     agent-tokens    SHA-256 hex digests of accepted agent tokens, one a line (0600)
-    client.env      TUNNEL_RELAY, TUNNEL_TOKEN, TUNNEL_CA for the operator (0600)
+    client.env      TUNNEL_RELAY, TUNNEL_TOKEN and, when agents need the dev CA,
+                    TUNNEL_CA, for the operator (0600)
     reservations.json  what reclaims and stable names need across restarts (0600;
                     relay/node/reservations.py writes it, not this module)
 
@@ -102,6 +103,9 @@ TOKEN_BYTES = 32
 TOKEN_HASH_HEX_CHARS = 64
 
 CLIENT_ENV_KEYS = ("TUNNEL_RELAY", "TUNNEL_TOKEN", "TUNNEL_CA")
+# TUNNEL_CA is absent when the agent port presents a publicly trusted
+# certificate: an agent without it uses the system trust store.
+CLIENT_ENV_REQUIRED_KEYS = ("TUNNEL_RELAY", "TUNNEL_TOKEN")
 
 
 @dataclass(frozen=True)
@@ -152,6 +156,7 @@ def load_or_create(
     hostnames: Iterable[str] = ("localhost",),
     ip_addresses: Iterable[str] = ("127.0.0.1", "::1"),
     rotate_token: bool = False,
+    agents_need_ca: bool = True,
     now: datetime | None = None,
 ) -> RelayState:
     """Open the state folder, creating or repairing what is missing.
@@ -160,6 +165,8 @@ def load_or_create(
     The leaf certificate must name every one of ``hostnames`` and
     ``ip_addresses``; it is reissued from the same CA if it does not.
     ``rotate_token`` replaces every accepted token with one new token.
+    ``agents_need_ca=False`` (the agent port presents a certificate agents
+    trust through their system store) leaves TUNNEL_CA out of client.env.
 
     Raises ``ValueError`` naming the file when a file in the folder is
     corrupt or when the CA key is gone but the leaf must be reissued.
@@ -180,15 +187,16 @@ def load_or_create(
 
     ca_cert_path = state_path / CA_CERT_FILE
     client_env_path = state_path / CLIENT_ENV_FILE
+    env_ca = ca_cert_path if agents_need_ca else None
     token_hashes, new_token = _load_or_create_token_hashes(state_path, rotate_token)
     if new_token is not None:
         _write_atomic(
             client_env_path,
-            _client_env_text(agent_address, new_token, ca_cert_path),
+            _client_env_text(agent_address, new_token, env_ca),
             SECRET_FILE_MODE,
         )
     else:
-        _update_client_env(client_env_path, agent_address, ca_cert_path)
+        _update_client_env(client_env_path, agent_address, env_ca)
 
     return RelayState(
         state_dir=state_path,
@@ -483,15 +491,16 @@ def _is_hex(text: str) -> bool:
     return all(c in "0123456789abcdefABCDEF" for c in text)
 
 
-def _client_env_text(agent_address: str, token: str, ca_cert_path: Path) -> bytes:
-    values = (agent_address, token, str(ca_cert_path))
-    return "".join(f"{key}={value}\n" for key, value in zip(CLIENT_ENV_KEYS, values)).encode(
-        "utf-8"
-    )
+def _client_env_text(agent_address: str, token: str, ca_cert_path: Path | None) -> bytes:
+    values = (agent_address, token, str(ca_cert_path) if ca_cert_path is not None else None)
+    return "".join(
+        f"{key}={value}\n" for key, value in zip(CLIENT_ENV_KEYS, values) if value is not None
+    ).encode("utf-8")
 
 
-def _update_client_env(path: Path, agent_address: str, ca_cert_path: Path) -> None:
-    """Point an existing client.env at ``agent_address``, keeping its token.
+def _update_client_env(path: Path, agent_address: str, ca_cert_path: Path | None) -> None:
+    """Point an existing client.env at ``agent_address`` and ``ca_cert_path``
+    (None: no TUNNEL_CA line), keeping its token.
 
     A missing client.env stays missing: its token cannot be recovered (Rule 1).
     """
@@ -520,7 +529,7 @@ def _parse_client_env(path: Path, data: bytes) -> dict[str, str]:
             keys = ", ".join(CLIENT_ENV_KEYS)
             raise ValueError(f"{path} line {number} is not one of {keys}; {fix}")
         values[key] = value
-    missing = [key for key in CLIENT_ENV_KEYS if key not in values]
+    missing = [key for key in CLIENT_ENV_REQUIRED_KEYS if key not in values]
     if missing:
         raise ValueError(f"{path} has no {', '.join(missing)} line; {fix}")
     return values

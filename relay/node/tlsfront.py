@@ -13,7 +13,8 @@ records; bounded in size by relay.node.clienthello and in time here), then:
   spliced to the agent.
 
 `TLSContexts` holds the relay's certificate and picks up a renewed one
-without a restart (SIGHUP, or a changed file seen by a periodic check).
+without a restart (the agent port uses one too, for its own certificate);
+`certificate_covers` says whether a certificate names a host, as agents check (SIGHUP, or a changed file seen by a periodic check).
 Contexts are built lazily, one per (ALPN, client CA), always from the bytes
 the last successful reload read and checked, never from the files as they are
 now: between a renewal's two writes, or after a bad one, the files on disk do
@@ -69,6 +70,10 @@ class TLSContexts:
             context.load_verify_locations(cadata=client_ca.decode())
         return context
 
+    def server_context(self) -> ssl.SSLContext:
+        """The plain context (no ALPN, no client CA): the agent port's."""
+        return self.get((), None)
+
     def get(self, alpn: tuple[str, ...], client_ca: bytes | None) -> ssl.SSLContext:
         key = (alpn, client_ca)
         context = self._contexts.get(key)
@@ -106,6 +111,31 @@ class TLSContexts:
                 self.reload()
         except OSError as e:
             self._log.warn("cannot check the TLS certificate: {error}", error=e)
+
+
+def certificate_covers(cert_path: str, host: str) -> bool:
+    """Whether the leaf (first certificate) of the PEM chain in `cert_path`
+    names `host` as an agent checks it: service-identity (RFC 6125), so a
+    wildcard covers one label, and an IP address must be an IP SAN.
+    OSError or ValueError if the file is not a PEM certificate."""
+    import ipaddress
+
+    from cryptography import x509
+    from service_identity import CertificateError, VerificationError
+    from service_identity.cryptography import verify_certificate_hostname, verify_certificate_ip_address
+
+    with open(cert_path, "rb") as f:
+        leaf = x509.load_pem_x509_certificate(f.read())  # the first PEM block
+    try:
+        try:
+            ipaddress.ip_address(host)
+        except ValueError:
+            verify_certificate_hostname(leaf, host)
+        else:
+            verify_certificate_ip_address(leaf, host)
+    except (VerificationError, CertificateError):
+        return False
+    return True
 
 
 def _load_cert_chain_bytes(context: ssl.SSLContext, chain: bytes, key: bytes) -> None:

@@ -50,9 +50,16 @@ def free_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
-def free_port_range(count: int, low: int = 20000, high: int = 32000) -> tuple[int, int]:
-    """A block of `count` ports below the ephemeral range that nothing holds now,
-    as (first, last)."""
+# Blocks of tunnel ports for test and benchmark relays: above a development
+# relay's 20000-29999 (README: tests pass while one runs, and its tunnels take
+# ports from that range at any time) and below the kernel's ephemeral range
+# (32768-60999), from which free_port() and every outgoing connection draw.
+PORT_BLOCK_LOW, PORT_BLOCK_HIGH = 30000, 32767
+
+
+def free_port_range(count: int, low: int = PORT_BLOCK_LOW, high: int = PORT_BLOCK_HIGH) -> tuple[int, int]:
+    """A block of `count` ports that nothing holds now, outside a development
+    relay's range and below the ephemeral range, as (first, last)."""
     for _ in range(200):
         start = random.randint(low, high - count)
         ok = True

@@ -323,11 +323,117 @@ def test_max_retries_gives_up_with_relay_unreachable():
     reactor.advance(0)
     error = failure_of(agent.done)
     assert error is not None and error.check(RelayUnreachableError)
-    assert "after 2 retries" in str(error.value) and error.value.exit_code == 5
+    assert "after 3 attempts (--max-retries 2)" in str(error.value) and error.value.exit_code == 5
     assert [f.type for f in opened_errors] == [RelayUnreachableError]
     assert tunnel.status == "closed"
     reactor.advance(120)
     assert len(reactor.tcpClients) == 3  # no fourth attempt
+
+
+def retry_lines(logs) -> list[str]:
+    from twisted.logger import formatEvent
+
+    return [formatEvent(e) for e in logs if "cannot reach the relay" in formatEvent(e)]
+
+
+def test_each_failed_attempt_says_why_once_in_the_agents_words():
+    """Every refused attempt is one line naming the reason and the count (N of max_retries + 1),
+    the last one without "retrying", and ClientService's "Scheduling retry" line is not emitted."""
+    reactor = MemoryReactorClock()
+    agent = TunnelAgent(reactor, RELAY, TOKEN, specs=[tcp_spec()], max_retries=2)
+    errors_of(agent.tunnels[0].opened)
+    with capturedLogs() as logs:
+        agent.start()
+        refuse_attempt(reactor)
+        wait_for_attempt(reactor, 1.0, 1.5)
+        refuse_attempt(reactor)
+        wait_for_attempt(reactor, 2.0, 3.0)
+        refuse_attempt(reactor)
+        reactor.advance(0)
+    lines = retry_lines(logs)
+    assert len(lines) == 3, lines
+    for n, line in enumerate(lines, start=1):
+        assert f"(attempt {n} of 3): connection refused" in line, line
+    assert "retrying in" in lines[0] and "retrying in" in lines[1] and "retrying" not in lines[2]
+    from twisted.logger import formatEvent
+
+    assert not [e for e in logs if "Scheduling retry" in formatEvent(e)]
+    assert failure_of(agent.done).check(RelayUnreachableError)
+
+
+def test_a_name_that_does_not_resolve_is_said_so():
+    """A DNS failure of the relay's name is reported as such on the attempt's line."""
+    from twisted.internet.interfaces import IHostResolution
+    from zope.interface import implementer
+
+    @implementer(IHostResolution)
+    class Resolution:
+        def __init__(self, name):
+            self.name = name
+
+        def cancel(self):
+            pass
+
+    class NoAddresses:
+        """A resolver that finds no address for any name, as for nonexistent.invalid."""
+
+        def resolveHostName(self, receiver, hostName, portNumber=0, addressTypes=None, transportSemantics="TCP"):
+            resolution = Resolution(hostName)
+            receiver.resolutionBegan(resolution)
+            receiver.resolutionComplete()
+            return resolution
+
+    reactor = MemoryReactorClock()
+    reactor.installNameResolver(NoAddresses())
+    agent = TunnelAgent(reactor, "nonexistent.invalid:7000", TOKEN, specs=[tcp_spec()], max_retries=0)
+    errors_of(agent.tunnels[0].opened)
+    with capturedLogs() as logs:
+        agent.start()
+        reactor.advance(0)
+    (line,) = retry_lines(logs)
+    assert "the name nonexistent.invalid does not resolve" in line and "(attempt 1 of 1)" in line
+    assert "gave up on the relay nonexistent.invalid:7000 after 1 attempt (--max-retries 0)" in str(
+        failure_of(agent.done).value
+    )
+
+
+def test_a_tls_handshake_that_never_finishes_is_a_timeout_with_its_own_line():
+    """A port that accepts and never answers TLS: the attempt's line says it timed out."""
+    reactor = MemoryReactorClock()
+    agent = TunnelAgent(reactor, RELAY, TOKEN, specs=[tcp_spec()], max_retries=1, connect_timeout_seconds=3)
+    errors_of(agent.tunnels[0].opened)
+    with capturedLogs() as logs:
+        agent.start()
+        protocol, transport = connect_attempt(reactor)
+        reactor.advance(3)  # the handshake deadline: the layer aborts the connection
+        assert transport.disconnecting or transport.disconnected
+        protocol.connectionLost(Failure(ConnectionLost()))
+    (line,) = retry_lines(logs)
+    assert "(attempt 1 of 2): timed out: no TLS answer within 3 s" in line
+
+
+def test_after_a_lost_link_max_retries_counts_reconnects(relay_state):
+    """Once a link was up, max_retries=N allows N failed reconnects, each on its own line, then fails (exit 5)."""
+    reactor = MemoryReactorClock()
+    agent = TunnelAgent(reactor, RELAY, TOKEN, ca_path=str(relay_state.ca_cert_path), specs=[tcp_spec()], max_retries=2)
+    agent.start()
+    protocol, transport = connect_attempt(reactor)
+    MemoryTLSRelay(relay_state, protocol, transport).pump()
+    assert agent.link is not None and agent.link.ready
+    with capturedLogs() as logs:
+        protocol.connectionLost(Failure(ConnectionLost()))
+        wait_for_attempt(reactor, 1.0, 1.5)
+        refuse_attempt(reactor)
+        wait_for_attempt(reactor, 2.0, 3.0)
+        refuse_attempt(reactor)
+        reactor.advance(0)
+    lines = retry_lines(logs)
+    assert len(lines) == 2 and "(reconnect 1 of 2): connection refused" in lines[0], lines
+    assert "(reconnect 2 of 2): connection refused" in lines[1] and "retrying" not in lines[1]
+    error = failure_of(agent.done)
+    assert error.check(RelayUnreachableError) and "after 2 reconnects (--max-retries 2)" in str(error.value)
+    reactor.advance(120)
+    assert len(reactor.tcpClients) == 3  # the first link and two reconnects
 
 
 def test_max_retries_zero_gives_up_when_the_link_is_lost():

@@ -235,6 +235,7 @@ def test_junk_on_agent_port_is_closed_and_tunnels_live_on(relays, echo, agents):
 
 def test_token_never_logged(relays, proxies, echo, agents):
     """Neither the relay's log nor any agent's stderr ever contains the token, through tunnels, reconnects and refusals."""
+    # --token=VALUE: a token may start with "-" (token_urlsafe), which argparse takes for an option.
     relay = relays()
     token = relay.client_env()["TUNNEL_TOKEN"]
     assert len(token) >= 32
@@ -243,7 +244,7 @@ def test_token_never_logged(relays, proxies, echo, agents):
     proxy.cut()
     wait_for(lambda: serves(port), 10, "reconnect")
     wrong = token[:-4] + "abcd"
-    bad = agents(relay, "forward", str(echo.port), "--unencrypted", "--token", wrong, "-v")
+    bad = agents(relay, "forward", str(echo.port), "--unencrypted", f"--token={wrong}", "-v")
     code = bad.wait(10)
     assert code != 0
     assert agent.stop() == 0
@@ -349,7 +350,7 @@ def test_restart_keeps_state_and_rotate_token_revokes(relays, echo, agents):
     new_env = relay.client_env()
     assert new_env["TUNNEL_TOKEN"] != old_env["TUNNEL_TOKEN"]
     assert (state / "ca.pem").read_bytes() == before["ca.pem"]
-    stale = agents(relay, "forward", str(echo.port), "--unencrypted", "--token", old_env["TUNNEL_TOKEN"])
+    stale = agents(relay, "forward", str(echo.port), "--unencrypted", "--token=" + old_env["TUNNEL_TOKEN"])
     assert stale.wait(10) != 0
     assert "token" in stale.stderr_text()
     fresh = agents(relay, "forward", str(echo.port), "--unencrypted")
