@@ -196,17 +196,18 @@ class Sessions:
 
 
 def same_origin(origin: bytes | None, referer: bytes | None, host: bytes | None) -> bool:
-    """Rule 2: the request names this port's own origin (http://<Host>).
+    """Rule 2: the request names this port's own origin: http://<Host>, or
+    https://<Host> behind a TLS proxy that keeps the Host.
 
     The Host was checked before (relay/wire/hostcheck.py), so it is ours;
     Origin is what browsers send on every POST; Referer is the fallback of
     older ones. Neither, or `Origin: null`: refused."""
     if not host:
         return False
-    own = b"http://" + host.strip().lower()
+    own = [scheme + host.strip().lower() for scheme in (b"http://", b"https://")]
     if origin is not None:
-        return origin.strip().lower() == own
+        return origin.strip().lower() in own
     if referer is not None:
         text = referer.strip().lower()
-        return text == own or text.startswith(own + b"/")
+        return any(text == o or text.startswith(o + b"/") for o in own)
     return False

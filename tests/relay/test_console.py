@@ -416,3 +416,19 @@ def test_relay_admin_prints_the_admin_token_and_rotates_it(tmp_path, capsys):
     with pytest.raises(SystemExit) as done:
         relay_admin(["--state-dir", str(tmp_path / "missing"), "admin-token"])
     assert done.value.code == 1
+
+
+@pytest.mark.parametrize("origin, referer, ok", [
+    (ORIGIN, None, True),
+    (b"https://127.0.0.1:17080", None, True),  # behind a TLS proxy that keeps the Host
+    (b"HTTP://127.0.0.1:17080", None, True),
+    (b"http://127.0.0.1:17080.evil.example", None, False),
+    (b"http://127.0.0.1:1708", None, False),
+    (b"null", ORIGIN + b"/", False),  # an Origin that is there decides
+    (None, ORIGIN + b"/tunnels/x/close", True),
+    (None, ORIGIN + b".evil.example/", False),
+    (None, None, False),
+])
+def test_same_origin_names_exactly_our_host(origin, referer, ok):
+    """Origin (or, without one, Referer) must be http(s)://<our Host>, nothing that merely starts like it."""
+    assert adminauth.same_origin(origin, referer, OWN) is ok
