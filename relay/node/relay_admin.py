@@ -4,6 +4,7 @@
     relay-admin token list
     relay-admin token change 3f9c0a1b2d4e --bandwidth 10MB
     relay-admin token revoke 3f9c0a1b2d4e        (or --tenant acme)
+    relay-admin admin-token [--rotate]           the admin port's bearer token
 
 It edits ``<state-dir>/tokens.json`` (relay/node/tokens.py) under its lock,
 atomically, so it is safe while the relay runs; the relay sees the change
@@ -105,7 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Exit codes: 0 done, 1 tokens file unreadable or unwritable, 2 bad input, 3 no such token or tenant.",
     )
     parser.add_argument("--state-dir", default="relay-state", help="the relay's state folder [default: relay-state]")
-    top = parser.add_subparsers(dest="area", metavar="token")
+    top = parser.add_subparsers(dest="area", metavar="{token,admin-token}")
     top.required = True
     token = top.add_parser("token", help="add, list, change or revoke agent tokens")
     commands = token.add_subparsers(dest="command", metavar="COMMAND")
@@ -138,6 +139,13 @@ def build_parser() -> argparse.ArgumentParser:
     target = revoke.add_mutually_exclusive_group(required=True)
     target.add_argument("token_id", metavar="ID", nargs="?")
     target.add_argument("--tenant", help="revoke every token of this tenant")
+
+    admin_token = top.add_parser(
+        "admin-token", help="print the admin port's bearer token (made if missing), or --rotate it",
+        description="The token the admin port and its web console ask for when bound off loopback "
+        "(or with --admin-auth token): Authorization: Bearer <token>, or the console's login form.",
+    )
+    admin_token.add_argument("--rotate", action="store_true", help="replace it; the old one and its sessions stop working")
     return parser
 
 
@@ -185,16 +193,30 @@ def _print_records(records, as_json: bool) -> None:
 
 
 def run(args) -> int:
-    from relay.node import tokens as store
-    from relay.node.state import TOKENS_FILE, _read_token_hashes, hash_token
+    if args.area == "admin-token":
+        return _admin_token(args)
+    from relay.node.state import hash_token
 
-    state_dir = Path(args.state_dir)
-    if not state_dir.is_dir():
-        raise AdminError(
-            f"{state_dir} is not a relay state folder: start the relay once "
-            f"(twistd -n relay --state-dir {state_dir}) or pass --state-dir",
-            EXIT_FILE,
-        )
+    def change(records):
+        from relay.node import tokens as store
+
+        return _command(args, records, store, hash_token)
+
+    result = edit_tokens(Path(args.state_dir), change)
+    result()
+    return 0
+
+
+def edit_tokens(state_dir: Path, change):
+    """Read-modify-write the tokens file under its lock: `change(records)`
+    returns (result, the new records or None to leave the file); returns
+    the result. AdminError for a missing folder or a bad file. Used by this
+    command and by the console's revoke (relay/node/console.py)."""
+    from relay.node import tokens as store
+    from relay.node.state import TOKENS_FILE, _read_token_hashes
+
+    state_dir = Path(state_dir)
+    _check_state_dir(state_dir)
     path = state_dir / store.TOKENS_JSON
     try:
         with store.locked(state_dir):
@@ -208,14 +230,50 @@ def run(args) -> int:
                 ]
             else:
                 records = list(store.read_tokens(path))
-            result, changed = _command(args, records, store, hash_token)
+            result, changed = change(records)
             if changed is not None:
                 store.write_tokens(path, changed)
     except ValueError as e:  # TokensFileError, or a corrupt agent-tokens
         raise AdminError(f"{e} (fix or restore the file; a running relay keeps its last good copy)", EXIT_FILE) from None
     except OSError as e:
         raise AdminError(f"cannot use {path}: {e.strerror}", EXIT_FILE) from None
-    result()
+    return result
+
+
+def _check_state_dir(state_dir: Path) -> None:
+    if not state_dir.is_dir():
+        raise AdminError(
+            f"{state_dir} is not a relay state folder: start the relay once "
+            f"(twistd -n relay --state-dir {state_dir}) or pass --state-dir",
+            EXIT_FILE,
+        )
+
+
+def revoke_token(state_dir: Path, token_id: str) -> list:
+    """Remove one token from the tokens file (as `token revoke ID`); its
+    records gone. The relay closes its links on its next reload."""
+    return edit_tokens(state_dir, lambda records: _revoke(records, token_id, None))
+
+
+def _admin_token(args) -> int:
+    """`relay-admin admin-token [--rotate]`: print the admin port's bearer
+    token (relay/node/adminauth.py), making it if there is none."""
+    from relay.node import adminauth
+
+    state_dir = Path(args.state_dir)
+    _check_state_dir(state_dir)
+    try:
+        if args.rotate:
+            token = adminauth.write_new_admin_token(state_dir)
+            sys.stderr.write(
+                "relay-admin: a new admin token is in force within seconds; the old one and its "
+                "console sessions stop working:\n"
+            )
+        else:
+            token = adminauth.ensure_admin_token(state_dir)
+    except (OSError, UnicodeDecodeError) as e:
+        raise AdminError(f"cannot use {adminauth.admin_token_path(state_dir)}: {e}", EXIT_FILE) from None
+    print(token)
     return 0
 
 
@@ -261,19 +319,23 @@ def _command(args, records, store, hash_token):
             else:
                 print(f"token {record.token_id} of tenant {record.tenant}: {_describe(record)}")
         return show_changed, records
-    # revoke
-    if args.tenant is not None:
-        gone = [r for r in records if r.tenant == args.tenant]
-        if not gone:
-            raise AdminError(f"no tokens of tenant {args.tenant!r}", EXIT_NOT_FOUND)
-    else:
-        gone = [records[_find(records, args.token_id)]]
-    kept = [r for r in records if r not in gone]
+    gone, kept = _revoke(records, args.token_id, args.tenant)
 
     def show_revoked():
         for r in gone:
             print(f"revoked token {r.token_id} of tenant {r.tenant}")
     return show_revoked, kept
+
+
+def _revoke(records, token_id, tenant):
+    """(the records that go, the records kept): one token, or a tenant's all."""
+    if tenant is not None:
+        gone = [r for r in records if r.tenant == tenant]
+        if not gone:
+            raise AdminError(f"no tokens of tenant {tenant!r}", EXIT_NOT_FOUND)
+    else:
+        gone = [records[_find(records, token_id)]]
+    return gone, [r for r in records if r not in gone]
 
 
 def _find(records, token_id: str) -> int:

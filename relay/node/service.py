@@ -22,6 +22,7 @@ from twisted.logger import ILogObserver, Logger
 from twisted.python import usage
 from twisted.web.server import Site
 
+from relay.node.adminauth import AUTH_MODES
 from relay.node.agents import (
     DEFAULT_HANDSHAKE_TIMEOUT_SECONDS,
     DEFAULT_LINK_BUFFER_CAP,
@@ -57,8 +58,9 @@ SETTINGS = {
     "agent-key": (None, str, "Private key (PEM) of --agent-cert."),
     "cert-check-seconds": (30.0, float, "How often to look for a renewed --cert/--key or --agent-cert/--agent-key (also on SIGHUP)."),
     "tokens-check-seconds": (2.0, float, "How often to look for a changed tokens file (also on SIGHUP)."),
-    "admin-port": (17080, int, "Admin HTTP port (GET /healthz, GET /v1/tunnels, GET /metrics); 0 disables."),
+    "admin-port": (17080, int, "Admin HTTP port (the web console at /, GET /healthz, GET /v1/tunnels, GET /metrics); 0 disables."),
     "admin-interface": ("127.0.0.1", str, "Address the admin port binds; keep it private."),
+    "admin-auth": ("auto", str, "auto: the admin port needs its token (relay-admin admin-token) unless it binds loopback; token: always."),
     "admin-allowed-hosts": ("", str, "Comma-separated extra names the admin API accepts in Host (besides its address and localhost)."),
     "ports": ("20000-29999", str, "Range LO-HI of public ports for unencrypted tunnels."),
     "public-host": ("localhost", str, "Host name printed in tunnel addresses (and in client.env)."),
@@ -157,6 +159,8 @@ class Options(usage.Options):
         self["domain"] = domain
         if self["log-format"] not in LOG_FORMATS:
             raise usage.UsageError(f"--log-format wants one of {', '.join(LOG_FORMATS)}, not {self['log-format']!r}")
+        if self["admin-auth"] not in AUTH_MODES:
+            raise usage.UsageError(f"--admin-auth wants one of {', '.join(AUTH_MODES)}, not {self['admin-auth']!r}")
         if self["keepalive-timeout"] <= self["keepalive-interval"]:
             raise usage.UsageError("--keepalive-timeout must exceed --keepalive-interval")
         if self["link-buffer-cap"] < MIN_LINK_BUFFER_CAP:
@@ -345,6 +349,29 @@ def _log_file(twistd_options):
     return logfile.LogFile.fromFullPath(name or "twistd.log")
 
 
+def _console_options(o, state, store) -> dict:
+    """The admin port's credential and the console's tokens (relay/node/adminauth.py, console.py)."""
+    from twisted.internet import threads
+
+    from relay.node import adminauth
+    from relay.node.relay_admin import revoke_token
+
+    credential = None
+    if adminauth.auth_required(o["admin-interface"], o["admin-auth"]):
+        adminauth.ensure_admin_token(state.state_dir)  # the first start off loopback makes it
+        credential = adminauth.AdminCredential(state.state_dir)
+        Logger().info(
+            "the admin port asks for its token (Authorization: Bearer, or the console's login): "
+            "relay-admin --state-dir {state_dir} admin-token prints it",
+            state_dir=o["state-dir"],
+        )
+    return dict(
+        auth_mode=o["admin-auth"], credential=credential, token_store=store, state_hint=o["state-dir"],
+        # The tokens file's lock and fsync stay off the reactor thread.
+        revoke=lambda token_id: threads.deferToThread(revoke_token, state.state_dir, token_id),
+    )
+
+
 def makeService(options) -> service.IService:
     from twisted.internet import reactor
 
@@ -451,6 +478,7 @@ def makeService(options) -> service.IService:
         allowed = [h.strip() for h in o["admin-allowed-hosts"].split(",") if h.strip()]
         admin = AdminAPI(
             tunnels, metrics, reactor.seconds(), reactor, interface=o["admin-interface"], allowed_hosts=allowed,
+            **_console_options(o, state, store),
         )
         admin.metrics_page = MetricsPage(metrics_registry(metrics, "tunnel_relay"), admin.allowed_hosts)
         admin_endpoint = f"tcp:{o['admin-port']}:interface={q(o['admin-interface'])}"

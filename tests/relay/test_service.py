@@ -53,6 +53,7 @@ def test_config_file_is_beaten_by_the_command_line(tmp_path):
         ["--agent-port", "20001"],  # inside the default tunnel range
         ["--keepalive-interval", "30", "--keepalive-timeout", "10"],
         ["--agent-port", "x"],
+        ["--admin-auth", "none"],  # no way to switch the admin credential off
     ],
 )
 def test_bad_options_are_usage_errors(args):
