@@ -35,7 +35,7 @@ import os
 import secrets
 from pathlib import Path
 
-from relay.node.state import _write_atomic
+from relay.node.state import _write_atomic, new_token
 
 ADMIN_TOKEN_FILE = "admin-token"
 SECRET_FILE_MODE = 0o600
@@ -86,7 +86,7 @@ def read_admin_token(state_dir) -> str | None:
 
 def write_new_admin_token(state_dir) -> str:
     """Make a new token (replacing any), write it 0600 atomically, return it."""
-    token = secrets.token_urlsafe(32)
+    token = new_token()
     _write_atomic(admin_token_path(state_dir), (token + "\n").encode("ascii"), SECRET_FILE_MODE)
     return token
 

@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import re
-import secrets
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -283,7 +282,9 @@ def _command(args, records, store, hash_token):
         tenant = _checked(store.check_tenant, args.tenant, "--tenant")
         label = _checked(store.check_label, args.label, "--label")
         limits = _limits({}, _limit_changes(args, clearable=False), "token add")
-        token = secrets.token_urlsafe(32)  # as the development token: 256 bits
+        from relay.node.state import new_token
+
+        token = new_token()  # as the development token: 256 bits, never "-..."
         record = store.TokenRecord(
             store.new_token_id({r.token_id for r in records}), tenant, store.now_text(),
             hash_token(token), label, limits,

@@ -123,6 +123,17 @@ class RelayState:
     new_token: str | None = field(repr=False)
 
 
+def new_token() -> str:
+    """A new secret for an agent or the admin: 256 random bits, URL-safe.
+
+    Never starting with "-": one token in 64 did, and `tunnel-client --token
+    -xyz` (like any command line) takes it for an option."""
+    while True:
+        token = secrets.token_urlsafe(TOKEN_BYTES)
+        if not token.startswith("-"):
+            return token
+
+
 def hash_token(token: str) -> bytes:
     """Return the SHA-256 digest of ``token`` (UTF-8), as stored for it."""
     if not isinstance(token, str):
@@ -452,7 +463,7 @@ def _load_or_create_token_hashes(
     path = state_path / TOKENS_FILE
     if not rotate_token and path.exists():
         return _read_token_hashes(path), None
-    token = secrets.token_urlsafe(TOKEN_BYTES)
+    token = new_token()
     digest = hash_token(token)
     # Replaces every stored hash: rotation revokes all earlier tokens.
     _write_atomic(path, (digest.hex() + "\n").encode("ascii"), SECRET_FILE_MODE)

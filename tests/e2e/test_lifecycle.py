@@ -324,6 +324,8 @@ def test_first_start_writes_client_env(relay):
     assert os.path.isabs(env["TUNNEL_CA"]) and Path(env["TUNNEL_CA"]).is_file()
     stored = (relay.state_dir / "agent-tokens").read_text().split()
     assert stored == [hashlib.sha256(env["TUNNEL_TOKEN"].encode()).hexdigest()]
+    # The hint is logged after the ports listen, which is when the harness returns.
+    wait_for(lambda: "tunnel-client forward" in relay.log(), 10, "the relay's next-step hint")
     log = relay.log()
     assert f". {env_path}" in log and "tunnel-client forward" in log
     assert env["TUNNEL_TOKEN"] not in log

@@ -429,3 +429,13 @@ def test_a_state_folder_made_with_another_mode_is_tightened_on_start(tmp_path):
     os.chmod(folder, 0o755)
     _start(folder)  # a second start, with the files already there
     assert _mode(folder) == 0o700
+
+
+def test_new_tokens_never_start_with_a_dash(monkeypatch):
+    """A token starting with "-" reads as an option on a command line
+    (`tunnel-client --token -abc`): new_token draws again."""
+    from relay.node import state as relay_state
+
+    draws = iter(["-starts-with-a-dash", "_fine"])
+    monkeypatch.setattr(relay_state.secrets, "token_urlsafe", lambda n: next(draws))
+    assert relay_state.new_token() == "_fine"
