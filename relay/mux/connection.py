@@ -171,6 +171,10 @@ class MuxConnection:
         self._next_stream_id = 2 if role is Role.RELAY else 1
         self._highest_peer_stream_id = 0
         self.goaway: tuple[ErrorCode | int, str] | None = None
+        # GOAWAY(DRAINING) sent / received: the link stays open for the streams
+        # it has, and neither side opens another (docs/protocol.md, "Draining").
+        self.draining_local = False
+        self.draining_remote = False
         self.peer_hello: dict | None = None
         self._handlers = {
             FrameType.HELLO: self._on_hello,
@@ -212,6 +216,21 @@ class MuxConnection:
         self.state = LinkState.CLOSED
         self._queue_control(fr.encode_coded(FrameType.GOAWAY, 0, code, message))
 
+    def drain(self, message: str = "") -> None:
+        """Queue GOAWAY(DRAINING): we open no more streams and refuse the
+        peer's new ones; the streams we have go on. `close()` ends the link
+        once they are done."""
+        self._require_open()
+        if self.draining_local:
+            return
+        self.draining_local = True
+        self._queue_control(fr.encode_coded(FrameType.GOAWAY, 0, ErrorCode.DRAINING, message))
+
+    @property
+    def draining(self) -> bool:
+        """Either side said GOAWAY(DRAINING): no new streams on this link."""
+        return self.draining_local or self.draining_remote
+
     # -- commands -----------------------------------------------------------
 
     def send_control(self, message: dict) -> None:
@@ -228,6 +247,8 @@ class MuxConnection:
         the link's pool: smaller as the pool fills (the OPEN says so), and
         `LinkBufferFullError` past the cap (check `next_stream_window()`)."""
         self._require_open()
+        if self.draining_local or self.draining_remote:
+            raise MuxUsageError("the link is draining: no new streams")
         if OPEN_WINDOW_KEY in metadata:
             raise MuxUsageError(f"{OPEN_WINDOW_KEY!r} in OPEN metadata is the protocol's")
         stream_id = self._next_stream_id
@@ -365,8 +386,11 @@ class MuxConnection:
                     if self.goaway is not None:
                         return events
                 # The decoder stopped after a HELLO, which may have raised the
-                # size limit for the frames behind it: decode those now.
-                frames = self._decoder.feed(b"") if frames[-1][0] == FrameType.HELLO else []
+                # size limit for the frames behind it, or after a GOAWAY that
+                # kept the link (DRAINING): decode those now.
+                last = frames[-1][0]
+                again = last == FrameType.HELLO or (last == FrameType.GOAWAY and self.state is LinkState.OPEN)
+                frames = self._decoder.feed(b"") if again else []
             return events
         except MuxProtocolError as e:
             self.close(e.code, str(e))
@@ -465,6 +489,8 @@ class MuxConnection:
             raise MuxProtocolError(f"OPEN with stream id {stream_id} of the wrong parity")
         if stream_id <= self._highest_peer_stream_id:
             raise MuxProtocolError(f"OPEN reuses stream id {stream_id}")
+        if self.draining_remote:
+            raise MuxProtocolError(f"OPEN of stream {stream_id} after the peer's GOAWAY(DRAINING)")
         metadata = fr.decode_json(payload)
         send_window = self.peer_initial_window
         if OPEN_WINDOW_KEY in metadata:
@@ -474,11 +500,17 @@ class MuxConnection:
             if type(send_window) is not int or not MIN_PEER_WINDOW <= send_window <= MAX_WINDOW:
                 raise MuxProtocolError(f"OPEN of stream {stream_id}: bad window {send_window!r}")
         self._highest_peer_stream_id = stream_id
-        self.streams[stream_id] = _Stream(
+        stream = self.streams[stream_id] = _Stream(
             stream_id,
             send_window,
             ReceiveWindow(self.initial_window, self.max_window),
         )
+        if self.draining_local:
+            # It crossed our GOAWAY(DRAINING) on the wire: no fault of the
+            # peer's, but we take no new streams (HTTP/2's streams above a
+            # GOAWAY's last id are refused the same way, RFC 9113 6.8).
+            self.reset(stream.stream_id, ErrorCode.REFUSED_STREAM, "draining")
+            return None
         return ev.StreamOpened(stream_id, metadata)
 
     def _on_data(self, stream_id: int, payload: bytes):
@@ -570,6 +602,14 @@ class MuxConnection:
         if stream_id != 0:
             raise MuxProtocolError("GOAWAY on a stream other than 0")
         code, message = fr.decode_coded(payload)
+        if code == ErrorCode.DRAINING and self.state is LinkState.OPEN:
+            # The link stays for the streams in progress; the final GOAWAY follows.
+            if self.draining_remote:
+                return None  # said once is enough
+            self.draining_remote = True
+            return ev.GoAwayReceived(code, message)
+        # Any other GOAWAY, or DRAINING before the link is open (a relay
+        # refusing a login while it drains), ends the link.
         self.goaway = (code, message)
         self.state = LinkState.CLOSED
         return ev.GoAwayReceived(code, message)

@@ -72,6 +72,7 @@ class RequestErrorCode(str, enum.Enum):
     NAME_TAKEN = "name_taken"
     NAME_NOT_ALLOWED = "name_not_allowed"
     NAME_IN_USE = "name_in_use"
+    RELAY_DRAINING = "relay_draining"
 
 
 # -- the error family both ends raise ------------------------------------------
@@ -175,7 +176,15 @@ class NameInUseError(NameUnavailableError):
     default_code = RequestErrorCode.NAME_IN_USE
 
 
+class RelayDrainingError(TunnelRequestError):
+    """The relay is stopping gracefully (docs/protocol.md, "Draining"): the
+    agent keeps the tunnel and asks again on its next link."""
+
+    default_code = RequestErrorCode.RELAY_DRAINING
+
+
 ERRORS_BY_CODE: dict[RequestErrorCode, type[TunnelRequestError]] = {
+    RequestErrorCode.RELAY_DRAINING: RelayDrainingError,
     RequestErrorCode.RELAY_OVERLOADED: RelayOverloadedError,
     RequestErrorCode.LIMIT_EXCEEDED: LimitExceededError,
     RequestErrorCode.NO_FREE_PORT: NoPortsAvailableError,

@@ -27,6 +27,12 @@ class ErrorCode(IntEnum):
     CANCEL = 0xD  # stream: the visitor or service went away
     BUFFER_OVERFLOW = 0xE  # stream: a local buffer cap was hit
     ENHANCE_YOUR_CALM = 0xF  # link: floods of useless frames, or replies the peer never reads
+    # GOAWAY only, and the one GOAWAY that keeps the link: the sender is stopping
+    # gracefully. Nobody opens a stream or asks for a tunnel on the link any
+    # more; streams in progress finish, then the sender closes with a final
+    # GOAWAY (docs/protocol.md, "Draining"). A peer that predates it closes at
+    # once, as on any GOAWAY.
+    DRAINING = 0x10
 
 
 class MuxError(Exception):
