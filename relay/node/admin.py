@@ -172,8 +172,12 @@ class AdminAPI:
         """The /healthz body (the console shows it too)."""
         m = self.metrics
         refused = m.refused_by_reason
+        draining = self.tunnels.draining
+        if draining:
+            # A load balancer's health check takes the node out while it drains.
+            request.setResponseCode(503)
         body = {
-            "status": "ok",
+            "status": "draining" if draining else "ok",
             "uptime_seconds": round(self.clock.seconds() - self.started_at, 3),
             "agents": m.links_up,
             "tunnels": m.tunnels_open,

@@ -14,9 +14,9 @@ from twisted.internet.protocol import Protocol, ServerFactory
 from twisted.logger import Logger
 
 from relay.mux import ErrorCode, LinkBufferFullError, MuxConnection, Role
-from relay.mux.connection import DEFAULT_LINK_BUDGET, DEFAULT_WINDOW_CAP
+from relay.mux.connection import DEFAULT_LINK_BUDGET, DEFAULT_WINDOW_CAP, LinkState
 from relay.mux import control
-from relay.mux.control import CloseTunnel, OpenTunnel, TunnelRequestError
+from relay.mux.control import CloseTunnel, OpenTunnel, RelayDrainingError, TunnelRequestError
 from relay.node.limits import FD_RESERVE, visitor_fd_limit
 from relay.node.login import LoginGuard
 from relay.wire.link import MuxLink
@@ -92,6 +92,10 @@ class RelayLink(MuxLink):
             self.abort_link()
 
     def on_hello(self, info: dict):
+        if self.tunnels.draining:
+            # Accepted just before the agent port closed: come back later (with backoff).
+            self.close_link(ErrorCode.DRAINING, "relay draining: try again later")
+            return
         grant = self.factory.check_token(info.get("token"))
         if grant is None:
             if not self.factory.login_guard.banned(self.source):
@@ -143,6 +147,10 @@ class RelayLink(MuxLink):
 
     def _open_tunnel(self, request: OpenTunnel) -> None:
         request_id = request.request_id
+        if self.tunnels.draining or self.mux.draining:
+            # A request that crossed a GOAWAY(DRAINING): the agent asks again on its next link.
+            self._send_reply(control.error_reply(request_id, RelayDrainingError(None, "the relay is draining")))
+            return
 
         def reclaimed(tunnel):
             self._send_reply(control.opened_reply(request_id, tunnel.describe(), reclaimed=True))
@@ -199,8 +207,10 @@ class RelayLink(MuxLink):
         splice = self.tunnels.splice_for(tunnel, self)
 
         def open_stream():
-            if self.closed:
-                splice.a.transport.abortConnection()  # the link died since buildProtocol
+            if self.closed or self.mux.draining:
+                # The link died, or either side began to drain, since buildProtocol.
+                self.metrics.visitor_refused(tunnel.tunnel_id, "agent_away" if self.closed else "draining")
+                splice.a.transport.abortConnection()
                 return
             fd = socket_fd(splice.a.transport)
             if fd is not None and fd > self.factory.visitor_fd_limit:
@@ -293,6 +303,9 @@ class RelayLink(MuxLink):
         """Live visitor streams of a tunnel on this link."""
         return len(self.streams_by_tunnel.get(tunnel_id, ()))
 
+    def on_drained(self) -> None:
+        self.close_link(ErrorCode.NO_ERROR, "relay stopping")
+
     def replace_session(self) -> None:
         """The same agent is back on a new link: drop this one without waiting."""
         if self.closed:
@@ -303,6 +316,12 @@ class RelayLink(MuxLink):
     # -- endings -------------------------------------------------------------------------
 
     def on_goaway(self, code, message: str):
+        if code == ErrorCode.DRAINING and not self.closed and self.mux.state is LinkState.OPEN:
+            # The agent stops gracefully: free its tunnels now, keep its streams.
+            self.graceful = True
+            self._log.info("agent {agent} drains: its tunnels are freed, its streams finish", agent=self.session_id)
+            self.tunnels.link_draining(self)
+            return
         if code == ErrorCode.NO_ERROR:
             self.graceful = True
         self._log.info(

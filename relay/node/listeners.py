@@ -105,6 +105,13 @@ class PublicPorts:
             None, f"no bindable port in {self.allocator.low}-{self.allocator.high}"
         )
 
+    def close_listeners(self) -> defer.Deferred:
+        """Stop accepting on every public port (a drain), keeping the ports
+        allocated: the tunnels still own them until they are closed."""
+        listening, self._listening = self._listening, {}
+        stops = [defer.maybeDeferred(port.stopListening) for port in listening.values()]
+        return defer.DeferredList(stops, consumeErrors=True)
+
     def unbind(self, port: int, keep: bool = False) -> defer.Deferred:
         """Stop listening and put the port in quarantine (or, with `keep`,
         keep it reserved: a stable name's port); fires once unbound."""

@@ -18,6 +18,7 @@ from twisted.application import service, strports
 from twisted.application.internet import TimerService
 from twisted.internet.endpoints import quoteStringArgument
 from twisted.internet import defer
+from twisted.internet.error import ReactorNotRunning
 from twisted.logger import ILogObserver, Logger
 from twisted.python import usage
 from twisted.web.server import Site
@@ -31,6 +32,7 @@ from relay.node.agents import (
 )
 from relay.mux import ErrorCode
 from relay.wire.link import DEFAULT_KEEPALIVE_INTERVAL_SECONDS, DEFAULT_KEEPALIVE_TIMEOUT_SECONDS
+from relay.node.drain import DEFAULT_GRACE_PERIOD_SECONDS, NodeDrain
 from relay.node.listeners import PublicPorts
 from relay.node.ports import PortAllocator
 from relay.node.reservations import ReservationFile
@@ -65,7 +67,8 @@ SETTINGS = {
     "ports": ("20000-29999", str, "Range LO-HI of public ports for unencrypted tunnels."),
     "public-host": ("localhost", str, "Host name printed in tunnel addresses (and in client.env)."),
     "interface": ("127.0.0.1", str, "Address public tunnel ports bind (0.0.0.0 or :: in production)."),
-    "grace-seconds": (DEFAULT_GRACE_SECONDS, float, "How long a dropped agent's tunnel waits for it."),
+    "grace-seconds": (DEFAULT_GRACE_SECONDS, float, "How long a dropped agent's tunnel waits for it to reconnect."),
+    "grace-period": (DEFAULT_GRACE_PERIOD_SECONDS, float, "On SIGTERM, how long streams in progress may take to finish before the relay closes them and exits (a second SIGTERM or SIGINT: at once)."),
     "port-quarantine-seconds": (120.0, float, "How long a freed port rests before reuse."),
     "keepalive-interval": (DEFAULT_KEEPALIVE_INTERVAL_SECONDS, float, "Seconds between link pings."),
     "keepalive-timeout": (DEFAULT_KEEPALIVE_TIMEOUT_SECONDS, float, "Silence after which a link is dead."),
@@ -161,6 +164,8 @@ class Options(usage.Options):
             raise usage.UsageError(f"--log-format wants one of {', '.join(LOG_FORMATS)}, not {self['log-format']!r}")
         if self["admin-auth"] not in AUTH_MODES:
             raise usage.UsageError(f"--admin-auth wants one of {', '.join(AUTH_MODES)}, not {self['admin-auth']!r}")
+        if self["grace-period"] < 0:
+            raise usage.UsageError("--grace-period must be 0 or more")
         if self["keepalive-timeout"] <= self["keepalive-interval"]:
             raise usage.UsageError("--keepalive-timeout must exceed --keepalive-interval")
         if self["link-buffer-cap"] < MIN_LINK_BUFFER_CAP:
@@ -242,17 +247,36 @@ def raise_open_file_limit() -> int:
     return soft
 
 
+# The services that accept agents and visitors: closed first when the node drains.
+ACCEPTING_SERVICES = ("agent-port", "tls-port")
+
+
 class RelayNode(service.MultiService):
-    """The node's services, plus start/stop chores that need a running reactor."""
+    """The node's services, plus start/stop chores that need a running reactor.
+
+    Stopping: SIGTERM drains (relay/node/drain.py) for at most
+    `--grace-period`, then stops; a second SIGTERM or a SIGINT stops at once.
+    twistd's own handlers cannot do that: a second `reactor.stop()` raises
+    ReactorNotRunning from inside the reactor and changes nothing. So once the
+    reactor runs (twistd installs its handlers on startup) ours replace them;
+    the first signal calls `reactor.stop()`, whose before-shutdown trigger
+    (stopService) waits for the drain's Deferred.
+    """
 
     _log = Logger()
 
-    def __init__(self, options, state, tunnels: TunnelManager, metrics: Counters):
+    def __init__(self, options, state, tunnels: TunnelManager, metrics: Counters, clock=None):
         super().__init__()
         self.options = options
         self.state = state
         self.tunnels = tunnels
         self.metrics = metrics
+        if clock is None:
+            from twisted.internet import reactor as clock
+        self.clock = clock
+        self.drain = NodeDrain(clock, tunnels, self._stop_accepting, options["grace-period"])
+        self._stop_asked = False  # a signal called reactor.stop()
+        self._force = False  # stop without draining
 
     tls_contexts = ()  # every TLSContexts of the node: the wildcard's, the agent port's
     token_store = None
@@ -276,6 +300,36 @@ class RelayNode(service.MultiService):
         return super().setServiceParent(parent)
     journal = None  # relay/node/reservations.py ReservationFile
 
+    def _stop_accepting(self) -> defer.Deferred:
+        stops = [self.tunnels.ports.close_listeners()]
+        for name in ACCEPTING_SERVICES:
+            try:
+                child = self.getServiceNamed(name)
+            except KeyError:
+                continue
+            stops.append(defer.maybeDeferred(self.removeService, child))
+        return defer.DeferredList(stops, consumeErrors=True)
+
+    def install_signal_handlers(self, reactor) -> None:
+        """SIGTERM drains, a second SIGTERM or a SIGINT stops at once. A
+        signal handler may not touch the reactor's state: hop onto it first."""
+        signal.signal(signal.SIGTERM, lambda *_: reactor.callFromThread(self.signalled, "SIGTERM", reactor))
+        signal.signal(signal.SIGINT, lambda *_: reactor.callFromThread(self.signalled, "SIGINT", reactor))
+
+    def signalled(self, name: str, reactor) -> None:
+        if name == "SIGTERM" and not self._stop_asked:
+            self._log.info("SIGTERM: draining (SIGTERM again or SIGINT: stop at once)")
+        else:
+            self._force = True
+            self._log.info("{signal}: stopping at once", signal=name)
+            self.drain.force()  # no-op before the drain began: stopService sees _force
+        if not self._stop_asked:
+            self._stop_asked = True
+            try:
+                reactor.stop()
+            except ReactorNotRunning:
+                pass  # already stopping for another reason
+
     def startService(self):
         if self.journal is not None:
             # Before the agent port listens: a reclaim must find what it reclaims.
@@ -287,6 +341,7 @@ class RelayNode(service.MultiService):
         super().startService()
         from twisted.internet import reactor
 
+        reactor.callWhenRunning(self.install_signal_handlers, reactor)
         # SIGHUP: pick up renewed certificates and changed tokens now (a
         # signal handler may not touch the reactor's state, so hop onto the
         # reactor first).
@@ -325,6 +380,14 @@ class RelayNode(service.MultiService):
             )
 
     def stopService(self):
+        if self._force:
+            self.drain.force()
+        d = self.drain.start()
+        d.addCallback(lambda _: self._stop_now())
+        return d
+
+    def _stop_now(self) -> defer.Deferred:
+        """What is left after the drain (or without one) is closed now."""
         if self.journal is not None:
             # The last snapshot, with every tunnel as it stands: a restart
             # counts their grace from now. Then frozen: what close_all ends
@@ -404,7 +467,7 @@ def makeService(options) -> service.IService:
         grace_seconds=o["grace-seconds"],
         metrics=metrics,
     )
-    node = RelayNode(o, state, tunnels, metrics)
+    node = RelayNode(o, state, tunnels, metrics, reactor)
     node.setName("relay")
     if o["log-format"] == "json":
         node.log_observer = json_file_observer(_log_file(getattr(options, "parent", None)))
@@ -455,20 +518,24 @@ def makeService(options) -> service.IService:
     # call per frame instead of Twisted's four), over a plain TCP endpoint. The
     # context is asked for per connection: a reload reaches new agents only.
     agent_endpoint = f"tcp:{o['agent-port']}:interface={q(o['agent-interface'])}:backlog={LISTEN_BACKLOG}"
-    strports.service(
+    agent_port = strports.service(
         agent_endpoint,
         AgentPortFactory(
             agent_contexts.server_context, agent_factory, reactor,
             handshake_timeout_seconds=o["handshake-timeout"],
             on_handshake_failed=agent_factory.tls_handshake_failed,
         ),
-    ).setServiceParent(node)
+    )
+    agent_port.setName("agent-port")
+    agent_port.setServiceParent(node)
 
     if o["tls-port"]:
         tls_endpoint = f"tcp:{o['tls-port']}:interface={q(o['interface'])}:backlog={LISTEN_BACKLOG}"
         tls_front = TLSFrontFactory(tunnels, wildcard, reactor, metrics)
         tls_front.visitor_fd_limit = agent_factory.visitor_fd_limit
-        strports.service(tls_endpoint, tls_front).setServiceParent(node)
+        tls_service = strports.service(tls_endpoint, tls_front)
+        tls_service.setName("tls-port")
+        tls_service.setServiceParent(node)
     for contexts in node.tls_contexts:
         TimerService(o["cert-check-seconds"], contexts.reload_if_changed).setServiceParent(node)
 

@@ -132,6 +132,10 @@ class TunnelManager:
         self.grace = GraceTimers(reactor)
         self.limits = limits
         self.links: set = set()  # authenticated agent links of this node
+        # The node drains (SIGTERM, relay/node/drain.py): no new visitors,
+        # tunnels or logins; what runs finishes.
+        self.draining = False
+        self.on_link_gone = None  # called after each authenticated link is gone (the drain watches)
         self._local: dict[str, Tunnel] = {}  # tunnels whose sockets and links this node holds
         self._by_link: dict[object, set[str]] = {}  # link -> ids of the tunnels it serves
         # One copy of each distinct client CA PEM, shared by the tunnels naming it.
@@ -447,7 +451,10 @@ class TunnelManager:
 
     def admit(self, tunnel: Tunnel, addr):
         """The link to open this visitor's stream on, or None to refuse it now
-        (agent away, address not allowed)."""
+        (agent away, address not allowed, the node draining)."""
+        if self.draining:
+            self.metrics.visitor_refused(tunnel.tunnel_id, "draining")
+            return None
         link = tunnel.pick_link()
         if link is None:
             self.metrics.visitor_refused(tunnel.tunnel_id, "agent_away")
@@ -534,9 +541,10 @@ class TunnelManager:
 
     # -- closing -----------------------------------------------------------------
 
-    def close(self, tunnel: Tunnel, why: str) -> list:
+    def close(self, tunnel: Tunnel, why: str, keep_streams: bool = False) -> list:
         """End a tunnel now: close its visitors, unbind, quarantine its ports.
-        Returns the Deferreds of the unbinding."""
+        With `keep_streams` (its agent drains) the visitors it has go on to
+        their end; only new ones are refused. Returns the Deferreds of the unbinding."""
         if self._local.get(tunnel.tunnel_id) is not tunnel:
             return []
         del self._local[tunnel.tunnel_id]
@@ -552,7 +560,8 @@ class TunnelManager:
         links, tunnel.links = tunnel.links, []
         for link in links:
             self._by_link.get(link, set()).discard(tunnel.tunnel_id)
-            link.close_visitors(tunnel)
+            if not keep_streams:
+                link.close_visitors(tunnel)
         unbinding = self._release(tunnel)
         self.metrics.tunnel_closed(tunnel.tunnel_id, why)
         self._log.info("tunnel {tunnel} closed ({why})", tunnel=tunnel.tunnel_id, why=why)
@@ -584,17 +593,28 @@ class TunnelManager:
         """A link ended: its tunnels end too (agent said goodbye), or wait in
         grace once no other link serves them."""
         self._drop_link(link)
+        self._detach_all(link, graceful, keep_streams=False)
+        if self.on_link_gone is not None:
+            self.on_link_gone()
+
+    def link_draining(self, link) -> None:
+        """The agent said GOAWAY(DRAINING): its tunnels end now, as on a
+        goodbye (no new visitors, ports into quarantine), but the streams in
+        progress on the link go on until the agent's final GOAWAY."""
+        self._detach_all(link, True, keep_streams=True)
+
+    def _detach_all(self, link, graceful: bool, keep_streams: bool) -> None:
         served = self._by_link.pop(link, set())
         for tunnel in [self._local[i] for i in served if i in self._local]:
             d = self.directory.detach_link(tunnel, link)
-            d.addCallback(self._detached, tunnel, graceful)
+            d.addCallback(self._detached, tunnel, graceful, keep_streams)
             d.addErrback(lambda f: self._log.failure("detach_link failed", f))
 
-    def _detached(self, remaining: list, tunnel: Tunnel, graceful: bool) -> None:
+    def _detached(self, remaining: list, tunnel: Tunnel, graceful: bool, keep_streams: bool = False) -> None:
         if remaining or self._local.get(tunnel.tunnel_id) is not tunnel:
             return  # still served by another link, or closed meanwhile
         if graceful:
-            self.close(tunnel, "agent closed it")
+            self.close(tunnel, "agent draining" if keep_streams else "agent closed it", keep_streams=keep_streams)
         else:
             tunnel.detached_at = self.reactor.seconds()
             tunnel.deadline = tunnel.detached_at + self.grace_seconds

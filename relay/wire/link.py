@@ -265,6 +265,23 @@ class MuxLink(Protocol):
         if self.transport is not None:
             self.transport.abortConnection()
 
+    def drain(self, message: str) -> None:
+        """GOAWAY(DRAINING): no new streams either way; close once the last
+        stream in progress ends (`on_drained`), or now if there is none."""
+        if self.closed or self.mux.draining_local or self.mux.state is not LinkState.OPEN:
+            return
+        self.mux.drain(message)
+        self.flush()
+        self._close_if_drained()
+
+    def _close_if_drained(self) -> None:
+        if not self.closed and self.mux.draining_local and not self.streams:
+            self.on_drained()
+
+    def on_drained(self) -> None:
+        """Our drain is done: the final GOAWAY."""
+        self.close_link(ErrorCode.NO_ERROR, "drained")
+
     def open_stream(self, metadata: dict, protocol) -> MuxStream:
         """Open a stream to the peer (OPEN with `metadata`), with `protocol` on it."""
         stream = MuxStream(self, self.mux.open_stream(metadata), metadata)
@@ -298,6 +315,9 @@ class MuxLink(Protocol):
             if not group:
                 del self.streams_by_tunnel[stream.tunnel_id]
         self._blocked.pop(stream, None)
+        if self.mux.draining_local and not self.streams and not self.closed:
+            # Not from inside the stream's own ending: after this turn.
+            self.clock.callLater(0, self._close_if_drained)
 
     def stream_blocked(self, stream: MuxStream) -> None:
         self._blocked[stream] = None
@@ -380,7 +400,8 @@ class MuxLink(Protocol):
 
     def _on_goaway(self, event: ev.GoAwayReceived):
         self.on_goaway(event.code, event.message)
-        self.close_link()
+        if self.mux.state is not LinkState.OPEN:  # DRAINING keeps it for the streams in progress
+            self.close_link()
 
     # -- hooks for subclasses ---------------------------------------------------
 

@@ -30,6 +30,7 @@ class FakeRegistry:
     def __init__(self):
         self.links = set()
         self.tunnels = {}
+        self.draining = False  # TunnelManager.draining
         self.lost = []
 
     def add_link(self, link):
