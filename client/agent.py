@@ -38,6 +38,7 @@ from client.config import ServiceSpec, TunnelSpec, format_target, parse_host_por
 from client.proxyheader import proxy_header
 from relay.wire.link import DEFAULT_KEEPALIVE_INTERVAL_SECONDS, DEFAULT_KEEPALIVE_TIMEOUT_SECONDS, MuxLink
 from relay.mux import ErrorCode, MuxConnection, Role
+from relay.mux.connection import LinkState
 from relay.mux import control
 from relay.wire.metrics import NULL_METRICS
 from relay.wire.splice import Splice
@@ -266,6 +267,12 @@ class AgentLink(MuxLink):
         self._log.debug("visitor TLS handshake failed: {reason}", reason=reason)
 
     def on_goaway(self, code, message: str):
+        if code == ErrorCode.DRAINING:
+            if self.mux.state is LinkState.OPEN:
+                self.agent.link_draining(self)
+            else:  # a login refused by a relay that drains: the backoff retries it
+                self._log.info("the relay is draining and takes no new agents; retrying")
+            return
         if code == ErrorCode.AUTH_FAILED:
             self.agent.metrics.auth_failed(self.agent.relay_host)
             self.agent.fail(AuthenticationError(
@@ -279,6 +286,9 @@ class AgentLink(MuxLink):
             ))
         elif code not in (ErrorCode.NO_ERROR, ErrorCode.SESSION_REPLACED):
             self._log.warn("relay closed the link: {code} {message}", code=getattr(code, "name", code), message=message)
+
+    def on_drained(self) -> None:
+        self.close_link(ErrorCode.NO_ERROR, "agent stopping")
 
     def on_link_lost(self, reason):
         self.agent.link_lost(self)
@@ -440,6 +450,15 @@ class TunnelAgent:
         self._failure_reason: str | None = None  # why the current attempt failed, once known
         self._resolved: dict[ServiceSpec, tuple[str, int]] = {}
         self._server_contexts: dict[ServiceSpec, ssl.SSLContext] = {}  # --cert/--key services
+        self._drain: defer.Deferred | None = None  # our own drain (stop with a grace period)
+        self._drain_timer = None
+        self._drain_started = 0.0
+        self._drain_how: str | None = None  # "drained", "deadline" or "forced", once it ended
+
+    @property
+    def draining(self) -> bool:
+        """Our own drain (stop with a grace period) is under way."""
+        return self._drain is not None and self._drain_how is None
 
     @property
     def stopped(self) -> bool:
@@ -450,8 +469,8 @@ class TunnelAgent:
         with it once granted, or errs with a TunnelError."""
         tunnel = Tunnel(spec, keep_address=keep_address)
         self.tunnels.append(tunnel)
-        if self.link is not None and self.link.ready and not self.link.closed:
-            self._request_tunnel(self.link, tunnel)
+        if self._link_usable(self.link):
+            self._request_tunnel(self.link, tunnel)  # else: asked on the next link
         return tunnel
 
     def close_tunnel(self, tunnel: Tunnel) -> defer.Deferred:
@@ -619,8 +638,59 @@ class TunnelAgent:
         self._service = _QuietClientService(endpoint, factory, retryPolicy=self._next_retry_delay, clock=self.reactor)
         self._service.startService()
 
-    def stop(self) -> defer.Deferred:
-        """Say goodbye (the relay frees our tunnels and closes their visitors), then stop."""
+    @staticmethod
+    def _link_usable(link) -> bool:
+        """A link new tunnels may be asked on: ready, open, and neither side draining."""
+        return link is not None and link.ready and not link.closed and not link.mux.draining
+
+    def stop(self, grace_seconds: float = 0.0) -> defer.Deferred:
+        """Say goodbye (the relay frees our tunnels and closes their visitors), then stop.
+
+        With `grace_seconds`, drain first (docs/protocol.md, "Draining"):
+        GOAWAY(DRAINING) makes the relay free our tunnels at once, so no new
+        visitor comes, while the streams in progress run to their end for at
+        most that long. A second call while draining stops at once."""
+        if self._drain is not None:
+            if not self._drain.called:
+                self._end_drain("forced")
+            return self._drain
+        link = self.link
+        if grace_seconds > 0 and link is not None and link.ready and not link.closed and link.streams:
+            self._stopping = True
+            self._drain = defer.Deferred()
+            self._drain_started = self.reactor.seconds()
+            self._log.info(
+                "draining: {streams} stream(s) may finish within {seconds:g}s; no new visitors "
+                "(SIGTERM again or SIGINT: stop at once)",
+                streams=len(link.streams), seconds=grace_seconds,
+            )
+            self._link_gone = gone = defer.Deferred()
+            gone.addCallback(lambda _: self._end_drain("drained"))
+            self._drain_timer = self.reactor.callLater(grace_seconds, self._end_drain, "deadline")
+            link.drain("agent draining")
+            return self._drain
+        return self._stop_now()
+
+    def _end_drain(self, how: str) -> None:
+        if self._drain is None or self._drain_how is not None:
+            return
+        self._drain_how = how
+        if self._drain_timer is not None and self._drain_timer.active():
+            self._drain_timer.cancel()
+        self._drain_timer = None
+        link = self.link
+        left = len(link.streams) if link is not None and not link.closed else 0
+        elapsed = self.reactor.seconds() - self._drain_started
+        if how == "drained":
+            self._log.info("drained in {seconds:.2f}s: every stream finished", seconds=elapsed)
+        elif how == "deadline":
+            self._log.warn("grace period over after {seconds:.2f}s: closing {streams} stream(s)", seconds=elapsed, streams=left)
+        else:
+            self._log.info("stopping at once: closing {streams} stream(s)", streams=left)
+        d = self._stop_now()
+        d.addBoth(lambda _: self._drain.callback(None))
+
+    def _stop_now(self) -> defer.Deferred:
         self._stopping = True
         link = self.link
         waits = []
@@ -669,6 +739,19 @@ class TunnelAgent:
         for tunnel in self.tunnels:
             self._request_tunnel(link, tunnel)
 
+    def link_draining(self, link: AgentLink) -> None:
+        """The relay drains: its streams in progress finish on this link, no
+        new visitor comes through it and no tunnel is asked on it; once the
+        relay closes it, the agent reconnects with its backoff and asks for
+        each tunnel again with its reclaim secret."""
+        self._log.info(
+            "the relay is draining: {streams} stream(s) finish on this link, then reconnecting",
+            streams=len(link.streams),
+        )
+        for tunnel in self.tunnels:
+            if tunnel.status == "live":
+                tunnel.status = "reconnecting"
+
     def link_lost(self, link: AgentLink) -> None:
         if self.link is link:
             self.link = None
@@ -688,7 +771,10 @@ class TunnelAgent:
         if self.max_retries == 0:
             self.fail(RelayUnreachableError("lost the link to the relay (--max-retries 0)"))
             return
-        self._log.warn("lost the link to the relay; reconnecting")
+        if link.mux.draining_remote:
+            self._log.info("the relay closed its drained link; reconnecting")
+        else:
+            self._log.warn("lost the link to the relay; reconnecting")
 
     def tls_failed(self, reason: str) -> None:
         """The TLS handshake with the relay failed. Before any session a
@@ -756,6 +842,8 @@ class TunnelAgent:
             if reply.ok:  # closed by our user while the request was in flight: give it back
                 self._give_back(control.granted_tunnel(reply)[0])
             return
+        if not reply.ok and reply.error.code is control.RequestErrorCode.RELAY_DRAINING:
+            return  # the request crossed the relay's drain: asked again on the next link
         if not reply.ok:
             targets = ", ".join(s.target for s in tunnel.spec.services)
             error = reply.error

@@ -13,10 +13,13 @@ import argparse
 import json
 import os
 import resource
+import signal
 import sys
 import time
 
 from client.errors import ConfigurationError, TunnelError
+
+DEFAULT_GRACE_PERIOD_SECONDS = 30.0  # as the relay's --grace-period
 
 EPILOG = """\
 environment:
@@ -95,6 +98,12 @@ def _add_common_options(command: argparse.ArgumentParser) -> None:
     relay.add_argument(
         "--keepalive-timeout", type=float, default=None, metavar="SECONDS",
         help="declare the link dead after this much silence (default 30)",
+    )
+    relay.add_argument(
+        "--grace-period", type=float, default=None, metavar="SECONDS",
+        help="on SIGTERM, how long visitors' connections in progress may take to finish "
+        "(the relay stops sending new ones at once); a second SIGTERM or SIGINT stops at once "
+        f"(default {DEFAULT_GRACE_PERIOD_SECONDS:g})",
     )
     relay.add_argument("-v", "--verbose", action="store_true", help="log debug detail")
     relay.add_argument(
@@ -219,6 +228,11 @@ def _settings(args) -> dict:
         key=pick("key"),
         stable_name=pick("name"),
     )
+    grace_period = pick("grace_period")
+    if grace_period is None:
+        grace_period = DEFAULT_GRACE_PERIOD_SECONDS
+    if not isinstance(grace_period, (int, float)) or isinstance(grace_period, bool) or grace_period < 0:
+        raise ConfigurationError("--grace-period must be 0 or more seconds")
     log_format = pick("log_format") or "text"
     if log_format not in ("text", "json"):
         raise ConfigurationError(f"log_format must be text or json, not {log_format!r}")
@@ -226,6 +240,7 @@ def _settings(args) -> dict:
         "relay": relay, "token": token, "ca": ca, "specs": specs,
         "max_retries": max_retries, "connect_timeout": connect_timeout, "json": bool(pick("json")),
         "log_format": log_format,
+        "grace_period": float(grace_period),
         "metrics": _metrics_address(pick("metrics_port"), pick("metrics_interface")),
     }
 
@@ -397,8 +412,30 @@ def _run(args) -> int:
             pass
 
     agent.done.addErrback(failed).addBoth(finished)
-    # SIGINT/SIGTERM stop the reactor; say goodbye to the relay first.
-    reactor.addSystemEventTrigger("before", "shutdown", agent.stop)
+    # The reactor's own handlers would stop at once on SIGTERM, and a second
+    # signal only raises ReactorNotRunning inside it: ours replace them once it
+    # runs. SIGTERM drains (agent.stop with the grace period, which the
+    # before-shutdown trigger waits for); a second SIGTERM or a SIGINT forces.
+    shutdown = {"grace": 0.0, "asked": False}
+
+    def signalled(name):
+        if name == "SIGTERM" and not shutdown["asked"]:
+            shutdown["grace"] = settings["grace_period"]
+        elif agent.draining:
+            agent.stop()  # the second signal: stop at once
+        if not shutdown["asked"]:
+            shutdown["asked"] = True
+            try:
+                reactor.stop()
+            except ReactorNotRunning:
+                pass
+
+    def install_signal_handlers():
+        for signum, name in ((signal.SIGTERM, "SIGTERM"), (signal.SIGINT, "SIGINT")):
+            signal.signal(signum, lambda *_, name=name: reactor.callFromThread(signalled, name))
+
+    reactor.callWhenRunning(install_signal_handlers)
+    reactor.addSystemEventTrigger("before", "shutdown", lambda: agent.stop(shutdown["grace"]))
     if settings["metrics"] is not None:
         from twisted.logger import Logger
 

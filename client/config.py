@@ -257,7 +257,7 @@ def load_agent_config(path: str) -> dict:
     data = {k.replace("-", "_"): v for k, v in data.items()}
     known = {"relay", "token", "ca", "json", "alpn", "allow", "client_ca", "proxy_protocol",
              "unencrypted", "tls_passthrough", "forward", "services", "max_retries", "connect_timeout",
-             "cert", "key", "log_format", "metrics_port", "metrics_interface", "name"}
+             "cert", "key", "log_format", "metrics_port", "metrics_interface", "name", "grace_period"}
     unknown = set(data) - known
     if unknown:
         raise ConfigurationError(f"config file {path}: unknown keys {', '.join(sorted(unknown))}")
