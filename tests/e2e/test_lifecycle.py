@@ -290,9 +290,10 @@ def test_two_port_range_quarantines_a_freed_port(relays, echo, agents):
 # -- 7. signals end the agent's tunnels ---------------------------------------------------------------
 
 
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
-def test_signal_ends_tunnels_and_exits_zero(relay, echo, agents, sig):
-    """SIGINT or SIGTERM make the agent close its tunnels on the relay promptly and exit 0."""
+def test_sigint_ends_tunnels_and_exits_zero(relay, echo, agents):
+    """SIGINT makes the agent close its tunnels and their visitors on the relay promptly and exit 0
+    (SIGTERM drains instead: tests/e2e/test_drain.py, and the test below)."""
+    sig = signal.SIGINT
     agent = agents(relay, "forward", str(echo.port), "--unencrypted")
     _, port = agent.address()
     visitor = connect(port)
@@ -308,6 +309,27 @@ def test_signal_ends_tunnels_and_exits_zero(relay, echo, agents, sig):
     assert time.monotonic() - signalled < 3
     err = agent.stderr_text()
     assert "Traceback" not in err and "Unhandled" not in err, err
+
+
+def test_sigterm_frees_the_tunnel_at_once_and_exits_once_its_visitor_left(relay, echo, agents):
+    """SIGTERM: the relay frees the tunnel promptly (no new visitors) while the visitor in progress is still served; the agent exits 0 once it leaves."""
+    agent = agents(relay, "forward", str(echo.port), "--unencrypted")
+    _, port = agent.address()
+    visitor = connect(port)
+    with visitor:
+        visitor.sendall(b"hi\n")
+        assert visitor.recv(100) == b"hi\n"
+        agent.proc.send_signal(signal.SIGTERM)
+        wait_for(lambda: relay.tunnels() == [], 3, "the tunnel to leave the admin list")
+        assert not listening(port)
+        visitor.sendall(b"still here\n")
+        assert visitor.recv(100) == b"still here\n"
+        assert agent.proc.poll() is None
+        visitor.shutdown(socket.SHUT_WR)
+        assert recv_all(visitor, 5) == b""
+    assert agent.wait(10) == 0
+    err = agent.stderr_text()
+    assert "every stream finished" in err and "Traceback" not in err and "Unhandled" not in err, err
 
 
 # -- 8. restarts and the state folder ---------------------------------------------------------------
