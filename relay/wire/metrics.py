@@ -44,7 +44,7 @@ class IMetricsObserver(Interface):
 
     def visitor_refused(tunnel_id: str | None, reason: str) -> None:
         """A visitor was turned away (reason: agent_away, not_allowed,
-        unknown_name, bad_hello, hello_timeout, handshake_failed, connect_failed...)."""
+        unknown_name, bad_hello, hello_timeout, handshake_failed, connect_failed, draining...)."""
 
     def auth_failed(peer: str) -> None:
         """A link presented a token that was refused."""
