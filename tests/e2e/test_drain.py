@@ -172,7 +172,7 @@ def _exit_within(proc, seconds: float, since: float | None = None) -> float:
 
 
 def test_sigterm_on_the_relay_lets_every_download_finish_refuses_new_visitors_and_exits(setup):
-    """8 downloads in flight through a relay that gets SIGTERM all complete byte-exact; new agents and visitors are refused meanwhile; the relay exits 0 once they end, well inside --grace-period; the agent reconnects when a relay is back."""
+    """8 downloads in flight through a relay that gets SIGTERM all complete byte-exact; new agents and visitors are refused meanwhile; the relay exits 0 once they end, well inside --grace-period; the agent reconnects to the restarted relay and reclaims the same address."""
     relay, agent, port = setup("--grace-period", "60")
     downloads = _start_downloads(port)
     at_signal = [d.received for d in downloads]
@@ -203,9 +203,12 @@ def test_sigterm_on_the_relay_lets_every_download_finish_refuses_new_visitors_an
     # A relay is back on the same ports and state: the agent reconnects with its backoff,
     # asks for its tunnel again (with its reclaim secret), and serves visitors.
     relay.start()
-    wait_for(lambda: len(relay.tunnels()) == 1, 60, "the agent's tunnel on the new relay")
+    wait_for(lambda: "is live again" in agent.stderr_text(), 60, "the agent's reclaim on the new relay")
     [tunnel] = relay.tunnels()
-    Download(tunnel["port"]).join(60)
+    assert tunnel["port"] == port  # reclaimed: the same address
+    again = Download(port)
+    again.join(60)
+    assert again.complete
     assert agent.proc.poll() is None and clean(agent.stderr_text()), agent.stderr_text()
 
 
