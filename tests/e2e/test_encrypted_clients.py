@@ -142,9 +142,11 @@ class HTTPService(http.server.SimpleHTTPRequestHandler):
         try:
             for n in range(SSE_EVENTS_SENT):
                 event = f"data: {n}\n\n".encode()
+                # Recorded before the write: the client may read the event
+                # (and look it up) before this thread runs again.
+                self.sse_sent.append((n, time.monotonic()))
                 self.wfile.write(b"%x\r\n%s\r\n" % (len(event), event))
                 self.wfile.flush()
-                self.sse_sent.append((n, time.monotonic()))
                 time.sleep(SSE_INTERVAL_SECONDS)
             self.wfile.write(b"0\r\n\r\n")
         except OSError:
