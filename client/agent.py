@@ -217,6 +217,7 @@ class AgentLink(MuxLink):
     def on_hello(self, info: dict):
         self.ready = True
         self.session_id = str(info.get("session", "?"))[:32]
+        self.send_ping()  # a round-trip time from the start, not after the first keepalive interval
         self.agent.link_ready(self)
 
     def on_control(self, message: dict):
@@ -292,6 +293,11 @@ class AgentLink(MuxLink):
 
     def on_link_lost(self, reason):
         self.agent.link_lost(self)
+
+    def stream_ended(self, stream) -> None:
+        super().stream_ended(stream)
+        if self.agent.on_visitor is not None:  # once per visitor, with its final byte counts
+            self.agent.on_visitor(stream)
 
 
 class _ServiceDial(ClientFactory):
@@ -401,6 +407,8 @@ class TunnelAgent:
     granted, "reconnected" when a reconnect got the same addresses back,
     "moved" when it got new ones (the old ones expired), and "lost" when a
     `keep_address` tunnel could not get its addresses back.
+    `on_visitor(stream)` is called as each visitor stream ends (the terminal
+    view, client/console.py, lists them).
     `done` fires when the agent stops, or errs with a TunnelError.
     """
 
@@ -421,6 +429,7 @@ class TunnelAgent:
         keepalive_interval_seconds: float = DEFAULT_KEEPALIVE_INTERVAL_SECONDS,
         keepalive_timeout_seconds: float = DEFAULT_KEEPALIVE_TIMEOUT_SECONDS,
         metrics=NULL_METRICS,
+        on_visitor=None,
     ):
         if not token:
             raise ConfigurationError("no token: set TUNNEL_TOKEN or pass --token")
@@ -431,6 +440,7 @@ class TunnelAgent:
         self.tunnels = [Tunnel(spec) for spec in specs]
         self.tunnels_by_id: dict[str, Tunnel] = {}
         self.on_tunnel = on_tunnel or (lambda tunnel, event: None)
+        self.on_visitor = on_visitor
         self.fail_on_refusal = fail_on_refusal
         self.max_retries = max_retries
         self.connect_timeout_seconds = connect_timeout_seconds

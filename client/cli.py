@@ -25,6 +25,7 @@ EPILOG = """\
 environment:
   TUNNEL_RELAY  relay agent address, HOST:PORT (e.g. localhost:17000)
   TUNNEL_TOKEN  agent token (from the relay's client.env)
+  TUNNEL_TOKEN_FILE  a file holding the agent token (Docker secrets, systemd credentials)
   TUNNEL_CA     CA file that signed the relay's certificate (unset: the system trust
                 store, which SSL_CERT_FILE / SSL_CERT_DIR may point elsewhere)
 
@@ -104,6 +105,11 @@ def _add_common_options(command: argparse.ArgumentParser) -> None:
         help="on SIGTERM, how long visitors' connections in progress may take to finish "
         "(the relay stops sending new ones at once); a second SIGTERM or SIGINT stops at once "
         f"(default {DEFAULT_GRACE_PERIOD_SECONDS:g})",
+    )
+    relay.add_argument(
+        "--no-console", action="store_true",
+        help="print the plain address lines even in a terminal (the live view is drawn only "
+        "when stdout is a terminal and neither --json nor --log-format json is given)",
     )
     relay.add_argument("-v", "--verbose", action="store_true", help="log debug detail")
     relay.add_argument(
@@ -187,7 +193,7 @@ def _settings(args) -> dict:
                 token = f.read().strip()
         except OSError as e:
             raise ConfigurationError(f"cannot read --token-file {args.token_file}: {e.strerror}") from None
-    token = token or pick("token", "TUNNEL_TOKEN")
+    token = token or pick("token") or _token_from_environment()
     ca = pick("ca", "TUNNEL_CA") or None
     if not relay:
         raise ConfigurationError("no relay address: set TUNNEL_RELAY or pass --relay HOST:PORT")
@@ -245,6 +251,22 @@ def _settings(args) -> dict:
     }
 
 
+def _token_from_environment() -> str | None:
+    """TUNNEL_TOKEN, or the contents of the file TUNNEL_TOKEN_FILE names (a
+    Docker secret, a systemd credential: the token stays out of `ps` and
+    `docker inspect`); both set is ambiguous, so refused."""
+    token, path = os.environ.get("TUNNEL_TOKEN"), os.environ.get("TUNNEL_TOKEN_FILE")
+    if token and path:
+        raise ConfigurationError("both TUNNEL_TOKEN and TUNNEL_TOKEN_FILE are set: keep one")
+    if not path:
+        return token
+    try:
+        with open(path) as f:
+            return f.read().strip()
+    except OSError as e:
+        raise ConfigurationError(f"cannot read TUNNEL_TOKEN_FILE {path}: {e.strerror}") from None
+
+
 def _metrics_address(port, interface) -> tuple[str, int] | None:
     """(host, port) for --metrics-port: `9100` binds 127.0.0.1:9100 (or
     --metrics-interface), `HOST:PORT` or `[IPv6]:PORT` binds HOST; 0 picks a free port."""
@@ -267,7 +289,9 @@ def _raise_open_file_limit() -> None:
             pass
 
 
-def _start_logging(verbose: bool, log_format: str = "text") -> None:
+def _start_logging(verbose: bool, log_format: str = "text", panel=None) -> None:
+    """Log to stderr; or, with `panel` (the live view's log file), into the
+    view, where a line written under it would tear its drawing."""
     from twisted.logger import (
         FileLogObserver,
         FilteringLogObserver,
@@ -302,7 +326,7 @@ def _start_logging(verbose: bool, log_format: str = "text") -> None:
 
         output = json_file_observer(sys.stderr)
     else:
-        output = FileLogObserver(sys.stderr, format_line)
+        output = FileLogObserver(panel if panel is not None else sys.stderr, format_line)
     predicates = [predicate] if verbose else [not_twisted_chatter, predicate]
     observer = FilteringLogObserver(output, predicates)
     globalLogBeginner.beginLoggingTo([observer], redirectStandardIO=False)
@@ -347,10 +371,23 @@ def _start_metrics(reactor, address: tuple[str, int], agent):
     return endpoint_type(reactor, port, interface=host).listen(site)
 
 
+def _console(args, settings):
+    """The live terminal view (client/console.py), or None for the plain lines."""
+    from client.console import LiveConsole, use_console
+
+    if use_console(sys.stdout, as_json=settings["json"], log_format=settings["log_format"],
+                   no_console=args.no_console):
+        return LiveConsole(sys.stdout)
+    return None
+
+
 def _run(args) -> int:
     settings = _settings(args)
     _raise_open_file_limit()
-    _start_logging(args.verbose, settings["log_format"])
+    console = _console(args, settings)
+    # Log lines go into the view only while stderr is that same terminal.
+    panel = console.log_file() if console is not None and sys.stderr.isatty() else None
+    _start_logging(args.verbose, settings["log_format"], panel)
 
     try:
         from relay.wire import reactor as relay_reactor
@@ -367,7 +404,7 @@ def _run(args) -> int:
     outcome = {"code": 0}
 
     def on_tunnel(tunnel, event):
-        if event in ("open", "moved"):
+        if event in ("open", "moved") and console is None:  # the view shows addresses itself
             _print_tunnel(tunnel, settings["json"])
 
     kwargs = {}
@@ -395,12 +432,16 @@ def _run(args) -> int:
         specs=settings["specs"],
         on_tunnel=on_tunnel,
         max_retries=settings["max_retries"],
+        on_visitor=console.visitor_ended if console is not None else None,
         **kwargs,
     )
 
     def failed(failure):
         failure.trap(TunnelError)
-        _error(str(failure.value), settings["log_format"])
+        if console is None:
+            _error(str(failure.value), settings["log_format"])
+        else:  # said once the view has stopped drawing, below its last frame
+            outcome["error"] = str(failure.value)
         outcome["code"] = failure.value.exit_code
 
     def finished(_):
@@ -456,7 +497,16 @@ def _run(args) -> int:
         if outcome["code"]:  # a TCP listen fails at once: no link, no reactor
             return outcome["code"]
     agent.start()  # raises ConfigurationError (e.g. an unreadable CA) before we block
-    reactor.run()
+    if console is None:
+        reactor.run()
+        return outcome["code"]
+    console.start(reactor, agent)
+    try:
+        reactor.run()
+    finally:
+        console.stop()  # the last frame stays; the cursor comes back
+    if "error" in outcome:
+        _error(outcome["error"], settings["log_format"])
     return outcome["code"]
 
 

@@ -89,6 +89,11 @@ class MuxLink(Protocol):
         self.last_received = clock.seconds()
         self.peer = "?"
         self._keepalive_call = None
+        # The round trip of the last answered PING (keepalive or send_ping):
+        # what a PONG costs through the link, queued behind its DATA. Read by
+        # the agent's terminal view (client/console.py); None until one came.
+        self.rtt_seconds: float | None = None
+        self._ping_in_flight: tuple[bytes, float] | None = None  # (opaque, sent at)
         self._close_deadline = None
         self._resume_turn = 0
         self._at_turn_end = clock.call_at_turn_end if ITurnEndReactor.providedBy(clock) else None
@@ -341,11 +346,18 @@ class MuxLink(Protocol):
             self.abort_link()  # a silent peer will not answer close_notify either
             return
         if self.mux.state is LinkState.OPEN:
-            self.mux.ping(os.urandom(8))
-            self.flush()
+            self.send_ping()
         # Check again at the interval, or exactly at the deadline if that is sooner.
         delay = min(self.keepalive_interval_seconds, self.keepalive_timeout_seconds - silent)
         self._keepalive_call = self.clock.callLater(max(delay, 0.05), self._keepalive)
+
+    def send_ping(self) -> None:
+        """PING the peer now; its PONG sets `rtt_seconds`. Only the latest
+        PING is timed: a PONG to an older one (or a peer's stray) is liveness only."""
+        opaque = os.urandom(8)
+        self._ping_in_flight = (opaque, self.clock.seconds())
+        self.mux.ping(opaque)
+        self.flush()
 
     def _cancel_close_deadline(self) -> None:
         if self._close_deadline is not None and self._close_deadline.active():
@@ -396,7 +408,11 @@ class MuxLink(Protocol):
         self.on_stream_accepted(event.stream_id)
 
     def _on_pong(self, event: ev.PongReceived):
-        pass  # receiving it already refreshed last_received
+        # Receiving it already refreshed last_received.
+        in_flight = self._ping_in_flight
+        if in_flight is not None and event.opaque == in_flight[0]:
+            self._ping_in_flight = None
+            self.rtt_seconds = self.clock.seconds() - in_flight[1]
 
     def _on_goaway(self, event: ev.GoAwayReceived):
         self.on_goaway(event.code, event.message)

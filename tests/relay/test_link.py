@@ -114,6 +114,28 @@ def test_keepalive_pings_then_declares_silent_link_dead():
     assert link.closed
 
 
+def test_pong_to_the_latest_ping_measures_the_round_trip():
+    """rtt_seconds is the time from our latest PING to its PONG; a PONG with
+    other bytes (a stale or stray one) leaves it as it was."""
+    clock = Clock()
+    link, transport, peer = handshaken_pair(clock, keepalive_interval_seconds=10, keepalive_timeout_seconds=30)
+    assert link.rtt_seconds is None
+    clock.advance(10)  # the keepalive's PING
+    peer.receive_data(transport.value())
+    transport.clear()
+    clock.advance(0.25)
+    link.dataReceived(b"".join(peer.outgoing()))  # the peer's core answered PONG
+    assert link.rtt_seconds == pytest.approx(0.25)
+    link.send_ping()
+    clock.advance(0.5)
+    link.dataReceived(fr.encode(fr.FrameType.PONG, 0, b"\x00" * fr.PING_SIZE))  # not our bytes
+    assert link.rtt_seconds == pytest.approx(0.25)
+    peer.receive_data(transport.value())
+    link.dataReceived(b"".join(peer.outgoing()))
+    assert link.rtt_seconds == pytest.approx(0.5)
+    assert not link.closed
+
+
 def test_any_frame_counts_as_liveness():
     """Data arriving more often than the timeout keeps the link up even if no PONG comes."""
     clock = Clock()
