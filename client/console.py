@@ -298,33 +298,39 @@ def render(snapshot: Snapshot):
         up = format_duration(link.up_seconds) if link.up_seconds is not None else "-"
         links.add_row(link.relay, state(link.state), link.session or "-", up, rtt, str(link.open_streams))
 
-    tunnels = Table(title="Tunnels", title_justify="left", box=None, expand=False, padding=(0, 2, 0, 0))
-    for column in ("address", "-> local", "state", "open", "visitors", "in", "out", "in/s", "out/s"):
-        tunnels.add_column(column, justify="right" if column in ("open", "visitors", "in", "out", "in/s", "out/s")
-                           else "left", no_wrap=column == "address")
+    # A tunnel is two lines, its address and its figures, so it reads in 80 columns too.
+    tunnels = Table(title="Tunnels", title_justify="left", box=None, show_header=False, padding=(0, 0))
+    tunnels.add_column("tunnel")
     for row in snapshot.tunnels:
-        for i, endpoint in enumerate(row.endpoints):
-            figures = (
-                (state(row.status), str(row.open_visitors), str(row.visitors_total), format_bytes(row.bytes_in),
-                 format_bytes(row.bytes_out), format_rate(row.rate_in), format_rate(row.rate_out))
-                if i == 0 else ("",) * 7  # counters are per tunnel id: on its first address
-            )
-            tunnels.add_row(Text(endpoint.url, style="bold cyan"), endpoint.target, *figures)
+        for endpoint in row.endpoints:
+            tunnels.add_row(Text.assemble((endpoint.url, "bold cyan"), " -> ", endpoint.target))
+        # Counters are per tunnel id, shared by its addresses (named services).
+        tunnels.add_row(Text.assemble("  ", state(row.status), (
+            f"   open {row.open_visitors}   visitors {row.visitors_total}   "
+            f"in {format_bytes(row.bytes_in)} ({format_rate(row.rate_in)})   "
+            f"out {format_bytes(row.bytes_out)} ({format_rate(row.rate_out)})", "dim",
+        )))
     if not snapshot.tunnels:
-        tunnels.add_row("(none)", *[""] * 8)
+        tunnels.add_row("(none)")
 
+    several = sum(len(t.endpoints) for t in snapshot.tunnels) > 1  # else the tunnel column says nothing
     visitors = Table(title="Visitors", title_justify="left", box=None, expand=False, padding=(0, 2, 0, 0))
-    for column in ("time", "peer", "tunnel", "in", "out", "state", "for"):
-        visitors.add_column(column, justify="right" if column in ("in", "out", "for") else "left")
+    columns = ("time", "peer", "tunnel", "in", "out", "state", "for") if several else (
+        "time", "peer", "in", "out", "state", "for")
+    for column in columns:
+        visitors.add_column(column, justify="right" if column in ("in", "out", "for") else "left",
+                            no_wrap=column != "tunnel")
     for v in snapshot.visitors[:RECENT_VISITORS]:
-        visitors.add_row(
-            time.strftime("%H:%M:%S", time.localtime(v.opened_at)), v.peer, v.tunnel,
-            format_bytes(v.bytes_in), format_bytes(v.bytes_out), state(v.state), format_duration(v.seconds),
-        )
+        cells = [time.strftime("%H:%M:%S", time.localtime(v.opened_at)), v.peer]
+        if several:
+            cells.append(v.tunnel)
+        cells += [format_bytes(v.bytes_in), format_bytes(v.bytes_out), state(v.state), format_duration(v.seconds)]
+        visitors.add_row(*cells)
+    blank = [""] * (len(columns) - 2)
     if snapshot.more_open_visitors:
-        visitors.add_row("", f"... and {snapshot.more_open_visitors} more open", *[""] * 5)
+        visitors.add_row("", f"... and {snapshot.more_open_visitors} more open", *blank)
     if not snapshot.visitors:
-        visitors.add_row("-", "no visitors yet", *[""] * 5)
+        visitors.add_row("-", "no visitors yet", *blank)
 
     parts = [title, Text(""), links, Text(""), tunnels, Text(""), visitors]
     if snapshot.log:
