@@ -16,9 +16,10 @@ set -eu
 here=$(dirname "$0")
 
 relay() {
-  # option name -> RELAY_<NAME> (dashes as underscores, upper case)
-  for name in state-dir agent-port agent-interface tls-port domain cert key cert-check-seconds \
-              admin-port admin-interface admin-allowed-hosts ports public-host interface \
+  # option name -> RELAY_<NAME> (dashes as underscores, upper case); RELAY_STATE_DIR
+  # and RELAY_INTERFACE below, with the container's own defaults
+  for name in agent-port agent-interface tls-port domain cert key cert-check-seconds \
+              admin-port admin-interface admin-allowed-hosts ports public-host \
               grace-seconds port-quarantine-seconds keepalive-interval keepalive-timeout \
               handshake-timeout tokens-check-seconds log-format config; do
     var=RELAY_$(printf '%s' "$name" | tr 'a-z-' 'A-Z_')
