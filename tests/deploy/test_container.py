@@ -191,6 +191,8 @@ def test_the_compose_file_has_a_relay_an_agent_and_a_service_restarted_and_healt
         build = service["build"]
         assert (DOCKER / build["context"] / build["dockerfile"]).resolve() == (DOCKER / "Dockerfile").resolve()
     for name in ("relay", "agent"):
+        # docker stop waits 10 s by default, less than the 30 s a SIGTERM drains for.
+        assert int(services[name]["stop_grace_period"].rstrip("s")) > 30, name
         test = services[name]["healthcheck"]["test"]
         assert test[:3] == ["CMD", "/opt/tunnel-relay/docker/entrypoint.sh", "healthcheck"], name
     agent = services["agent"]
