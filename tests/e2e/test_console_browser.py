@@ -22,6 +22,7 @@ from tests.e2e.test_tenants import admin as relay_admin, log_count, wait_reloade
 
 webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is in the test extra: pip install '.[test]'")
 from selenium.webdriver.common.by import By  # noqa: E402
+from selenium.common.exceptions import StaleElementReferenceException  # noqa: E402
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 CHROMEDRIVER = shutil.which("chromedriver")
@@ -57,6 +58,15 @@ def screenshot(driver, name: str) -> Path:
     driver.save_screenshot(str(path))
     print(f"console screenshot: {path}")
     return path
+
+
+def message_text(driver) -> str:
+    """The page's #message text, or "" while the page that has it is still loading."""
+    found = driver.find_elements(By.ID, "message")
+    try:
+        return found[0].text if found else ""
+    except StaleElementReferenceException:
+        return ""
 
 
 def cell(driver, table: str, row_id: str, key: str):
@@ -161,7 +171,7 @@ def test_login_then_revoke_with_confirmation_closes_the_agent(tmp_path, browser,
         assert browser.current_url == base + "/login"
         browser.find_element(By.ID, "token").send_keys("not-the-token")
         browser.find_element(By.ID, "login").click()
-        assert "not the admin token" in browser.find_element(By.ID, "message").text
+        wait_for(lambda: "not the admin token" in message_text(browser), WAIT, "the refused login's answer")
         browser.find_element(By.ID, "token").send_keys(admin_token)
         browser.find_element(By.ID, "login").click()
         wait_for(lambda: cell(browser, "tokens", acme["id"], "label"), WAIT, "the acme token's row")
@@ -177,7 +187,8 @@ def test_login_then_revoke_with_confirmation_closes_the_agent(tmp_path, browser,
         assert agent.proc.poll() is None  # the confirm page changed nothing
         screenshot(browser, "console-revoke-confirm.png")
         browser.find_element(By.ID, "confirm").click()
-        assert "revoked" in browser.find_element(By.ID, "message").text
+        # The click starts a navigation; the answer page may not be there yet.
+        wait_for(lambda: "revoked" in message_text(browser), WAIT, "the revoke's answer page")
         assert agent.wait(WAIT) == 3  # AUTH_FAILED, "token revoked": the agent exits and does not retry
         browser.get(base + "/")
         wait_for(lambda: cell(browser, "tokens", acme["id"], "label") is None, WAIT, "the revoked token gone")
