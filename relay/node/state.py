@@ -228,17 +228,20 @@ def issue_certificate(
     key_path: str | Path,
     *,
     now: datetime | None = None,
+    ca_paths: tuple[Path, Path] | None = None,
 ) -> None:
     """Sign an extra leaf for ``hostnames`` (e.g. ``*.tunnels.localhost``)
-    with the state's CA; write its chain (leaf, then CA) to ``cert_path`` and
-    its key to ``key_path`` (0600). Always issues; never reuses a file.
+    with the state's CA, or the (certificate, key) of ``ca_paths`` (a fleet
+    CA); write its chain (leaf, then CA) to ``cert_path`` and its key to
+    ``key_path`` (0600). Always issues; never reuses a file.
     """
     now = _utc(now)
     dns_names = _dns_names(hostnames)
     if not dns_names:
         raise ValueError("an extra certificate needs at least one hostname")
-    ca_cert = _load_certificate(state.ca_cert_path)
-    ca_key_path = state.state_dir / CA_KEY_FILE
+    ca_cert_path, ca_key_path = ca_paths or (state.ca_cert_path, state.state_dir / CA_KEY_FILE)
+    ca_cert = _load_certificate(Path(ca_cert_path))
+    ca_key_path = Path(ca_key_path)
     if not ca_key_path.exists():
         raise ValueError(f"{ca_key_path} is missing: cannot sign a certificate")
     ca_key = _load_private_key(ca_key_path)
