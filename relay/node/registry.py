@@ -264,7 +264,7 @@ class RedisRegistry:
     def refresh(self):
         """Every ttl/3: keep our keys alive (rewrite those Redis lost), drop
         those another node holds now. A failure was logged by `_failed`."""
-        keys = sorted(self.held) + [node_key(self.node)]
+        keys = sorted(self.held)
         try:
             yield self._call("set", node_key(self.node), json.dumps(self.node_info),
                              None, int(self.ttl_seconds * 1000))

@@ -495,7 +495,7 @@ class _Fleet:
         ca_path = o["fleet-ca"] or state.ca_cert_path
         cert_path, key_path = state.state_dir / "peer.pem", state.state_dir / "peer-key.pem"
         relay_state.issue_certificate(state, [peer_dns_name(o["node"], o["domain"])], cert_path, key_path,
-                                      ca_paths=ca_paths)
+                                      ca_paths=ca_paths, client_auth=True)
         self.peers = PeerLinks(reactor, self.registry, PeerTLS(cert_path, key_path, ca_path),
                                node=o["node"], domain=o["domain"])
         self.directory = FleetDirectory(reactor, self.registry, node=o["node"], domain=o["domain"], peers=self.peers)

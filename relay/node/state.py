@@ -229,6 +229,7 @@ def issue_certificate(
     *,
     now: datetime | None = None,
     ca_paths: tuple[Path, Path] | None = None,
+    client_auth: bool = False,
 ) -> None:
     """Sign an extra leaf for ``hostnames`` (e.g. ``*.tunnels.localhost``)
     with the state's CA, or the (certificate, key) of ``ca_paths`` (a fleet
@@ -245,7 +246,7 @@ def issue_certificate(
     if not ca_key_path.exists():
         raise ValueError(f"{ca_key_path} is missing: cannot sign a certificate")
     ca_key = _load_private_key(ca_key_path)
-    _issue_leaf(ca_cert, ca_key, dns_names, (), now, Path(cert_path), Path(key_path))
+    _issue_leaf(ca_cert, ca_key, dns_names, (), now, Path(cert_path), Path(key_path), client_auth)
 
 
 # -- the CA ------------------------------------------------------------------
@@ -395,9 +396,10 @@ def _issue_leaf(
     now: datetime,
     cert_path: Path,
     key_path: Path,
+    client_auth: bool = False,
 ) -> None:
     key = ec.generate_private_key(ec.SECP256R1())
-    cert = _build_leaf_certificate(ca_cert, ca_key, key, dns_names, ips, now)
+    cert = _build_leaf_certificate(ca_cert, ca_key, key, dns_names, ips, now, client_auth)
     # Key first: a crash between the writes leaves a certificate that does
     # not match its key, which the next start detects and reissues.
     _write_atomic(key_path, _private_key_pem(key), SECRET_FILE_MODE)
@@ -414,7 +416,10 @@ def _build_leaf_certificate(
     dns_names: tuple[str, ...],
     ips: tuple[ipaddress.IPv4Address | ipaddress.IPv6Address, ...],
     now: datetime,
+    client_auth: bool = False,
 ) -> x509.Certificate:
+    # A peer certificate (relay/node/peers.py) serves both ends of a peer link.
+    usages = [ExtendedKeyUsageOID.SERVER_AUTH] + ([ExtendedKeyUsageOID.CLIENT_AUTH] if client_auth else [])
     common_name = next(
         (name for name in dns_names if len(name) <= 64), LEAF_FALLBACK_COMMON_NAME
     )
@@ -445,7 +450,7 @@ def _build_leaf_certificate(
             ),
             critical=True,
         )
-        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+        .add_extension(x509.ExtendedKeyUsage(usages), critical=False)
         .add_extension(x509.SubjectAlternativeName(alt_names), critical=False)
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
         # RFC 5280 4.2.1.1; OpenSSL's strict mode and cryptography's verifier want it.
