@@ -10,6 +10,7 @@ common services, and never overlapping each other:
 """
 
 import ipaddress
+import re
 import resource
 import signal
 import sys
@@ -74,8 +75,17 @@ SETTINGS = {
     "keepalive-timeout": (DEFAULT_KEEPALIVE_TIMEOUT_SECONDS, float, "Silence after which a link is dead."),
     "handshake-timeout": (DEFAULT_HANDSHAKE_TIMEOUT_SECONDS, float, "Deadline for an agent connection's TLS handshake and HELLO together, from the TCP accept."),
     "log-format": ("text", str, "text (twistd's own) or json: one JSON object per line (time, level, namespace, message)."),
+    "node": (None, str, "This node's name in a fleet (docs/network.md): random encrypted tunnels get https://<id>.<node>.<domain>, unencrypted ones <node>.<domain>:<port> (unless --public-host is given)."),
+    "registry": (None, str, "redis://HOST:PORT/DB: the fleet registry (needs --node): stable names are served by any node, one hop at most."),
+    "peer-port": (17010, int, "With --registry: TLS port other nodes of the fleet dial to reach this node's tunnels."),
+    "peer-interface": (None, str, "Address the peer port binds (default: --interface)."),
+    "peer-host": (None, str, "Host other nodes dial for the peer port (default: --peer-interface)."),
+    "fleet-ca": (None, str, "The fleet CA's certificate (PEM), shared by every node: it signs each node's peer certificate; default: the state folder's CA."),
+    "fleet-ca-key": (None, str, "Private key (PEM) of --fleet-ca."),
     "link-buffer-cap": (DEFAULT_LINK_BUFFER_CAP, int, "Advanced: bytes one agent link may make the relay buffer (half for new streams' windows, which shrink as it fills; past it visitors are refused; half for window growth)."),
 }
+# A node's name is one DNS label of its hostnames.
+NODE_LABEL = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,30}[a-z0-9])?")
 # Smallest --link-buffer-cap: room for a few streams at the smallest window.
 MIN_LINK_BUFFER_CAP = 64 * 1024
 
@@ -127,6 +137,7 @@ class Options(usage.Options):
             if unknown:
                 raise usage.UsageError(f"--config: unknown keys {', '.join(sorted(unknown))}")
             from_file = {k.replace("_", "-"): v for k, v in from_file.items()}
+        public_host_given = self["public-host"] is not None or "public-host" in from_file
         for name, (default, convert, _) in SETTINGS.items():
             value = self[name]
             if value is None:
@@ -160,6 +171,7 @@ class Options(usage.Options):
             # A wildcard needs two labels after "*." (OpenSSL refuses *.localhost).
             raise usage.UsageError(f"--domain {self['domain']!r}: use at least two labels, e.g. tunnels.localhost")
         self["domain"] = domain
+        self._fleet_options(public_host_given)
         if self["log-format"] not in LOG_FORMATS:
             raise usage.UsageError(f"--log-format wants one of {', '.join(LOG_FORMATS)}, not {self['log-format']!r}")
         if self["admin-auth"] not in AUTH_MODES:
@@ -170,6 +182,37 @@ class Options(usage.Options):
             raise usage.UsageError("--keepalive-timeout must exceed --keepalive-interval")
         if self["link-buffer-cap"] < MIN_LINK_BUFFER_CAP:
             raise usage.UsageError(f"--link-buffer-cap must be at least {MIN_LINK_BUFFER_CAP} bytes")
+
+    def _fleet_options(self, public_host_given: bool) -> None:
+        """--node, --registry and the peer port (docs/network.md)."""
+        node = self["node"]
+        if node is not None:
+            node = node.lower()
+            if not NODE_LABEL.fullmatch(node):
+                raise usage.UsageError(f"--node {self['node']!r}: want a DNS label (a-z, 0-9, -), e.g. r1")
+            if not self["tls-port"]:
+                raise usage.UsageError("--node needs encrypted tunnels (--tls-port): its names are under --domain")
+            self["node"] = node
+            if not public_host_given:
+                # Unencrypted tunnels print the node's own name: DNS takes visitors there.
+                self["public-host"] = f"{node}.{self['domain']}"
+        if self["registry"]:
+            from relay.node.registry import parse_registry_url
+
+            if node is None:
+                raise usage.UsageError("--registry needs --node")
+            try:
+                parse_registry_url(self["registry"])
+            except ValueError as e:
+                raise usage.UsageError(f"--registry: {e}") from None
+            if not 0 < self["peer-port"] <= 65535:
+                raise usage.UsageError(f"--peer-port {self['peer-port']} is not a port")
+        if bool(self["fleet-ca"]) != bool(self["fleet-ca-key"]):
+            raise usage.UsageError("--fleet-ca and --fleet-ca-key go together")
+        if self["peer-interface"] is None:
+            self["peer-interface"] = self["interface"]
+        if self["peer-host"] is None:
+            self["peer-host"] = self["peer-interface"]
 
 
 def agent_host(public_host: str, agent_interface: str) -> str:
@@ -248,7 +291,7 @@ def raise_open_file_limit() -> int:
 
 
 # The services that accept agents and visitors: closed first when the node drains.
-ACCEPTING_SERVICES = ("agent-port", "tls-port")
+ACCEPTING_SERVICES = ("agent-port", "tls-port", "peer-port")
 
 
 class RelayNode(service.MultiService):
@@ -352,7 +395,7 @@ class RelayNode(service.MultiService):
             "encrypted tunnels https://<id>.{domain}:{tls_port}, admin on http://{admin_iface}:{admin_port}",
             agent_iface=o["agent-interface"], agent_port=o["agent-port"], ports=o["ports"],
             iface=o["interface"], admin_iface=o["admin-interface"], admin_port=o["admin-port"],
-            domain=o["domain"], tls_port=o["tls-port"],
+            domain=f"{o['node']}.{o['domain']}" if o["node"] else o["domain"], tls_port=o["tls-port"],
         )
         if o["agent-tls"] == "dev":
             self._log.info(
@@ -435,6 +478,50 @@ def _console_options(o, state, store) -> dict:
     )
 
 
+class _Fleet:
+    """A node's part in a fleet (docs/network.md): registry, directory, peer links."""
+
+    def __init__(self, o, state, reactor):
+        from relay.node.fleetdir import FleetDirectory
+        from relay.node.peers import PeerLinks, PeerTLS, peer_dns_name
+        from relay.node import state as relay_state
+        from relay.node.registry import RedisRegistry
+
+        self.options = o
+        self.reactor = reactor
+        peer_address = host_port(o["peer-host"], o["peer-port"])
+        self.registry = RedisRegistry(reactor, o["registry"], o["node"], node_info={"peer": peer_address})
+        ca_paths = (o["fleet-ca"], o["fleet-ca-key"]) if o["fleet-ca"] else None
+        ca_path = o["fleet-ca"] or state.ca_cert_path
+        cert_path, key_path = state.state_dir / "peer.pem", state.state_dir / "peer-key.pem"
+        relay_state.issue_certificate(state, [peer_dns_name(o["node"], o["domain"])], cert_path, key_path,
+                                      ca_paths=ca_paths, client_auth=True)
+        self.peers = PeerLinks(reactor, self.registry, PeerTLS(cert_path, key_path, ca_path),
+                               node=o["node"], domain=o["domain"])
+        self.directory = FleetDirectory(reactor, self.registry, node=o["node"], domain=o["domain"], peers=self.peers)
+
+    def start(self, node, tunnels, wildcard, metrics) -> None:
+        from relay.node.peers import LocalRouting
+        from relay.node.registry import RegistryService
+        from relay.node.tlsfront import TLSFrontFactory
+
+        o = self.options
+        self.peers.front = TLSFrontFactory(LocalRouting(tunnels, self.directory), wildcard, self.reactor, metrics)
+        RegistryService(self.registry, self.peers).setServiceParent(node)
+        endpoint = f"tcp:{o['peer-port']}:interface={quoteStringArgument(o['peer-interface'])}:backlog={LISTEN_BACKLOG}"
+        peer_port = strports.service(endpoint, self.peers.server_factory())
+        peer_port.setName("peer-port")
+        peer_port.setServiceParent(node)
+        Logger().info(
+            "fleet node {node}: registry {registry}, peer port {peer}; stable names https://<name>-<tenant>.{domain}",
+            node=o["node"], registry=o["registry"], peer=host_port(o["peer-host"], o["peer-port"]), domain=o["domain"],
+        )
+
+
+def _fleet(o, state, reactor):
+    return _Fleet(o, state, reactor) if o["registry"] else None
+
+
 def makeService(options) -> service.IService:
     from twisted.internet import reactor
 
@@ -458,6 +545,7 @@ def makeService(options) -> service.IService:
     metrics = PrometheusMetrics(
         "relay", tenant_of=lambda tunnel_id: tunnels.tenant_of(tunnel_id), live_links=lambda: tunnels.links,
     )
+    fleet = _fleet(o, state, reactor)
     tunnels = TunnelManager(
         reactor,
         PublicPorts(reactor, allocator, o["interface"]),
@@ -466,6 +554,8 @@ def makeService(options) -> service.IService:
         tls_port=o["tls-port"],
         grace_seconds=o["grace-seconds"],
         metrics=metrics,
+        directory=fleet.directory if fleet is not None else None,
+        node=o["node"],
     )
     node = RelayNode(o, state, tunnels, metrics, reactor)
     node.setName("relay")
@@ -504,7 +594,10 @@ def makeService(options) -> service.IService:
     elif o["tls-port"]:
         cert_path = state.state_dir / "wildcard.pem"
         key_path = state.state_dir / "wildcard-key.pem"
-        relay_state.issue_certificate(state, [f"*.{o['domain']}", o["domain"]], cert_path, key_path)
+        names = [f"*.{o['domain']}", o["domain"]]
+        if o["node"]:
+            names.insert(0, f"*.{o['node']}.{o['domain']}")  # random tunnels: <id>.<node>.<domain>
+        relay_state.issue_certificate(state, names, cert_path, key_path)
         wildcard = TLSContexts(cert_path, key_path)
     if o["agent-tls"] == "agent-cert":
         agent_contexts = TLSContexts(o["agent-cert"], o["agent-key"])
@@ -536,6 +629,8 @@ def makeService(options) -> service.IService:
         tls_service = strports.service(tls_endpoint, tls_front)
         tls_service.setName("tls-port")
         tls_service.setServiceParent(node)
+    if fleet is not None:
+        fleet.start(node, tunnels, wildcard, metrics)
     for contexts in node.tls_contexts:
         TimerService(o["cert-check-seconds"], contexts.reload_if_changed).setServiceParent(node)
 

@@ -228,21 +228,25 @@ def issue_certificate(
     key_path: str | Path,
     *,
     now: datetime | None = None,
+    ca_paths: tuple[Path, Path] | None = None,
+    client_auth: bool = False,
 ) -> None:
     """Sign an extra leaf for ``hostnames`` (e.g. ``*.tunnels.localhost``)
-    with the state's CA; write its chain (leaf, then CA) to ``cert_path`` and
-    its key to ``key_path`` (0600). Always issues; never reuses a file.
+    with the state's CA, or the (certificate, key) of ``ca_paths`` (a fleet
+    CA); write its chain (leaf, then CA) to ``cert_path`` and its key to
+    ``key_path`` (0600). Always issues; never reuses a file.
     """
     now = _utc(now)
     dns_names = _dns_names(hostnames)
     if not dns_names:
         raise ValueError("an extra certificate needs at least one hostname")
-    ca_cert = _load_certificate(state.ca_cert_path)
-    ca_key_path = state.state_dir / CA_KEY_FILE
+    ca_cert_path, ca_key_path = ca_paths or (state.ca_cert_path, state.state_dir / CA_KEY_FILE)
+    ca_cert = _load_certificate(Path(ca_cert_path))
+    ca_key_path = Path(ca_key_path)
     if not ca_key_path.exists():
         raise ValueError(f"{ca_key_path} is missing: cannot sign a certificate")
     ca_key = _load_private_key(ca_key_path)
-    _issue_leaf(ca_cert, ca_key, dns_names, (), now, Path(cert_path), Path(key_path))
+    _issue_leaf(ca_cert, ca_key, dns_names, (), now, Path(cert_path), Path(key_path), client_auth)
 
 
 # -- the CA ------------------------------------------------------------------
@@ -392,9 +396,10 @@ def _issue_leaf(
     now: datetime,
     cert_path: Path,
     key_path: Path,
+    client_auth: bool = False,
 ) -> None:
     key = ec.generate_private_key(ec.SECP256R1())
-    cert = _build_leaf_certificate(ca_cert, ca_key, key, dns_names, ips, now)
+    cert = _build_leaf_certificate(ca_cert, ca_key, key, dns_names, ips, now, client_auth)
     # Key first: a crash between the writes leaves a certificate that does
     # not match its key, which the next start detects and reissues.
     _write_atomic(key_path, _private_key_pem(key), SECRET_FILE_MODE)
@@ -411,7 +416,10 @@ def _build_leaf_certificate(
     dns_names: tuple[str, ...],
     ips: tuple[ipaddress.IPv4Address | ipaddress.IPv6Address, ...],
     now: datetime,
+    client_auth: bool = False,
 ) -> x509.Certificate:
+    # A peer certificate (relay/node/peers.py) serves both ends of a peer link.
+    usages = [ExtendedKeyUsageOID.SERVER_AUTH] + ([ExtendedKeyUsageOID.CLIENT_AUTH] if client_auth else [])
     common_name = next(
         (name for name in dns_names if len(name) <= 64), LEAF_FALLBACK_COMMON_NAME
     )
@@ -442,7 +450,7 @@ def _build_leaf_certificate(
             ),
             critical=True,
         )
-        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+        .add_extension(x509.ExtendedKeyUsage(usages), critical=False)
         .add_extension(x509.SubjectAlternativeName(alt_names), critical=False)
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
         # RFC 5280 4.2.1.1; OpenSSL's strict mode and cryptography's verifier want it.

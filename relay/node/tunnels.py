@@ -120,8 +120,12 @@ class TunnelManager:
         directory: ITunnelDirectory | None = None,
         metrics=NULL_METRICS,
         limits: SessionLimits = DEFAULT_LIMITS,
+        node: str | None = None,
     ):
         self.reactor = reactor
+        # A fleet's node name (docs/network.md): random hostnames carry it as
+        # a label, <id>.<node>.<domain>, so DNS alone finds their node.
+        self.node = node
         self.ports = ports
         self.public_host = public_host
         self.domain = domain
@@ -349,7 +353,10 @@ class TunnelManager:
     def _label(self, tunnel_id: str, service: str, stable: str | None, tenant: str) -> str:
         """The first DNS label of an endpoint's hostname."""
         base = f"{stable}-{tenant}" if stable is not None else tunnel_id
-        return f"{service}-{base}" if service else base
+        label = f"{service}-{base}" if service else base
+        if stable is None and self.node:
+            return f"{label}.{self.node}"
+        return label
 
     @defer.inlineCallbacks
     def _claim_name(self, link, request: OpenTunnel):
