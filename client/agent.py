@@ -946,3 +946,7 @@ class TunnelAgent:
             self.on_tunnel(tunnel, "lost")
         if not tunnel.opened.called:
             tunnel.opened.errback(error)
+            if self.fail_on_refusal:
+                # Said once in the warning above; nobody else waits on it (the
+                # CLI), so it must not end as "Unhandled error in Deferred".
+                tunnel.opened.addErrback(lambda _failure: None)

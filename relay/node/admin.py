@@ -166,16 +166,17 @@ class AdminAPI:
 
     @app.route("/healthz", methods=["GET"])
     def healthz(self, request):
-        return self._json(request, self.health())
+        body = self.health()
+        if body["status"] == "draining":
+            # A load balancer's health check takes the node out while it drains.
+            request.setResponseCode(503)
+        return self._json(request, body)
 
     def health(self) -> dict:
         """The /healthz body (the console shows it too)."""
         m = self.metrics
         refused = m.refused_by_reason
         draining = self.tunnels.draining
-        if draining:
-            # A load balancer's health check takes the node out while it drains.
-            request.setResponseCode(503)
         body = {
             "status": "draining" if draining else "ok",
             "uptime_seconds": round(self.clock.seconds() - self.started_at, 3),

@@ -57,7 +57,10 @@ def parse_ports(text: str) -> list[int]:
 
 
 def parse_names(text: str) -> list[str]:
-    return sorted({name.strip() for name in text.split(",") if name.strip()})
+    names = sorted({name.strip() for name in text.split(",") if name.strip()})
+    if not names:
+        raise AdminError(f"--names {text!r}: want NAME[,NAME...], e.g. web,api", EXIT_USAGE)
+    return names
 
 
 def _positive_int(option: str):

@@ -13,6 +13,7 @@ import ipaddress
 import re
 import resource
 import signal
+import ssl
 import sys
 
 from twisted.application import service, strports
@@ -523,6 +524,18 @@ def _fleet(o, state, reactor):
 
 
 def makeService(options) -> service.IService:
+    """twistd's entry point: the node, or one clear line and exit 1 when a file
+    it starts from is unusable (twistd would print a traceback)."""
+    from relay.node.tokens import TokensFileError
+
+    try:
+        return _make_node(options)
+    except (TokensFileError, ssl.SSLError) as e:
+        # SSLError: e.g. a key that does not match its certificate.
+        raise SystemExit(f"twistd relay: cannot start: {e}") from None
+
+
+def _make_node(options) -> service.IService:
     from twisted.internet import reactor
 
     from relay.node import state as relay_state
@@ -543,7 +556,7 @@ def makeService(options) -> service.IService:
     # The Prometheus observer is a Counters too (the admin API reads it);
     # tenants and live links are looked up in the TunnelManager made next.
     metrics = PrometheusMetrics(
-        "relay", tenant_of=lambda tunnel_id: tunnels.tenant_of(tunnel_id), live_links=lambda: tunnels.links,
+        "relay", tenant_of=lambda tunnel_id: tunnels.tunnel_tenant(tunnel_id), live_links=lambda: tunnels.links,
     )
     fleet = _fleet(o, state, reactor)
     tunnels = TunnelManager(

@@ -47,7 +47,7 @@ from pathlib import Path
 
 from twisted.logger import Logger
 
-from relay.mux.control import SERVICE_NAME
+from relay.mux.control import MAX_STABLE_NAME_CHARS, TunnelRequestError, check_stable_name
 from relay.node.limits import DEFAULT_LIMITS, SessionLimits
 from relay.node.state import _write_atomic, hash_token
 from relay.node.tenants import DEV_TENANT, Grant
@@ -245,8 +245,14 @@ def parse_limits(limits: dict, where: str) -> TokenLimits:
         if not isinstance(names, list) or len(names) > MAX_NAMES:
             raise TokensFileError(f"{where}: names must be a list of at most {MAX_NAMES} names")
         for name in names:
-            if not isinstance(name, str) or not SERVICE_NAME.fullmatch(name):
-                raise TokensFileError(f"{where}: a name is 1-20 characters of a-z and 0-9")
+            # The grammar of `tunnel-client --name` (relay/mux/control.py): a
+            # token must be able to allow every name an agent may ask for.
+            try:
+                check_stable_name(name)
+            except TunnelRequestError:
+                raise TokensFileError(
+                    f"{where}: a name is 1-{MAX_STABLE_NAME_CHARS} characters of a-z, 0-9 and inner single hyphens"
+                ) from None
         names = frozenset(names)
     values["names"] = names
     return TokenLimits(**values)

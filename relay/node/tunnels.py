@@ -222,10 +222,12 @@ class TunnelManager:
             link.graceful = True  # its tunnels end now: nobody may reclaim them with this token
             link.close_link(ErrorCode.AUTH_FAILED, "token revoked")
 
-    def tenant_of(self, tunnel_id: str) -> str | None:
-        """The tenant of the session serving a tunnel (None if no link serves it)."""
+    def tunnel_tenant(self, tunnel_id: str) -> str | None:
+        """The tenant a tunnel belongs to (for metrics labels), None if unknown here."""
         tunnel = self._local.get(tunnel_id)
-        return tenant_of_link(tunnel.pick_link()) if tunnel is not None else None
+        if tunnel is None:
+            return None
+        return getattr(tunnel, "tenant", None) or tenant_of_link(tunnel.pick_link())
 
     @property
     def tunnels(self) -> dict[str, Tunnel]:

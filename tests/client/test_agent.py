@@ -693,10 +693,17 @@ def test_a_limit_refusal_keeps_the_other_tunnels_and_the_last_one_ends_the_agent
     first, second, third = relay.requests()
     relay.grant(first, "tunnel1", 20001, secret=SECRET)
     limit = control.request_error(RequestErrorCode.LIMIT_EXCEEDED, "tunnels of this token: at most 1")
+    refused = list(agent.tunnels[1:])
     with capturedLogs() as events:
         relay.reply(control.error_reply(second["id"], limit))
         relay.reply(control.error_reply(third["id"], limit))
     assert not agent.done.called and [t.status for t in agent.tunnels] == ["live"]
+    # Said once in the warning: the refused tunnels' Deferreds hold no unhandled
+    # failure (it would print "Unhandled error in Deferred" with a traceback).
+    for tunnel in refused:
+        results = []
+        tunnel.opened.addBoth(results.append)
+        assert results == [None], results
     warnings = [e for e in events if "keeping the other tunnels" in e.get("log_format", "")]
     assert len(warnings) == 2 and "tunnels of this token: at most 1" in str(warnings[0]["error"])
     # Alone, a refused tunnel ends the agent with the limit's error.

@@ -208,3 +208,37 @@ def test_sighup_applies_a_changed_file_and_keeps_the_old_one_when_the_new_is_cor
         assert_no_token_logged([token], relay, [first, refused, second, third])
     finally:
         relay.stop()
+
+
+def test_a_relay_with_an_unusable_tokens_file_or_key_says_so_in_one_line(tmp_path):
+    """A corrupt tokens file, or a key that does not match its certificate, stops the start with
+    exit 1 and one clear line, not twistd's traceback."""
+    import subprocess
+
+    from tests.e2e.harness import TWISTD
+
+    def start(state, *extra):
+        return subprocess.run(
+            [TWISTD, "-n", "--pidfile=", "relay", "--state-dir", str(state), "--agent-port", "0",
+             "--tls-port", "0", "--admin-port", "0", "--ports", "33990-33999", *extra],
+            capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL,
+        )
+
+    state = tmp_path / "corrupt"
+    state.mkdir(mode=0o700)
+    (state / "tokens.json").write_text('{"version": 1, "tokens": [')
+    done = start(state)
+    out = done.stdout + done.stderr
+    assert done.returncode == 1, out
+    assert "cannot start" in out and "tokens.json" in out and "Traceback" not in out, out
+
+    # A key from another pair: issue two with the dev CA of a fresh folder.
+    from relay.node import state as relay_state
+
+    fresh = relay_state.load_or_create(tmp_path / "pki", agent_address="localhost:1", hostnames=["localhost"])
+    relay_state.issue_certificate(fresh, ["localhost"], tmp_path / "a.pem", tmp_path / "a-key.pem")
+    relay_state.issue_certificate(fresh, ["localhost"], tmp_path / "b.pem", tmp_path / "b-key.pem")
+    done = start(tmp_path / "mismatch", "--agent-cert", str(tmp_path / "a.pem"), "--agent-key", str(tmp_path / "b-key.pem"))
+    out = done.stdout + done.stderr
+    assert done.returncode == 1, out
+    assert "cannot start" in out and "Traceback" not in out, out

@@ -336,3 +336,14 @@ def test_a_reclaim_from_a_new_link_moves_the_tunnel_to_it():
     (listed,) = node.tunnel_list()
     assert (listed["id"], listed["state"], listed["agent"]) == (tunnel_id, "live", new_link.session_id)
     assert secret.encode() not in node.get("/v1/tunnels")[2]
+
+
+def test_healthz_is_503_draining_while_the_node_drains_and_the_console_still_answers():
+    """A load balancer sees 503 {"status": "draining"} during a drain (not a 500); the console's JSON keeps working."""
+    node = Node()
+    assert node.get("/healthz")[0] == 200
+    node.tunnels.draining = True
+    status, _, body = node.get("/healthz")
+    assert status == 503 and json.loads(body)["status"] == "draining"
+    status, _, body = node.get("/v1/console")
+    assert status == 200 and json.loads(body)["health"]["status"] == "draining"

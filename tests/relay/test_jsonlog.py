@@ -51,7 +51,7 @@ def test_no_token_or_reclaim_secret_in_any_log_line_or_metric_of_a_node():
     """Through login, a bad token, a tunnel, a visitor and a lost link, no JSON log line and no metric holds a token or reclaim secret."""
     with capturedLogs() as events:
         node = Node(metrics=lambda n: PrometheusMetrics(
-            "relay", tenant_of=lambda t: n.tunnels.tenant_of(t), live_links=lambda: n.tunnels.links))
+            "relay", tenant_of=lambda t: n.tunnels.tunnel_tenant(t), live_links=lambda: n.tunnels.links))
         node.agent(token="wrong-" + TOKEN)
         agent = node.agent()
         reply = agent.open()

@@ -21,14 +21,14 @@ from tests.relay.node_helpers import TOKEN, Node
 VISITOR = IPv4Address("TCP", "203.0.113.7", 51234)
 
 
-def prom_node(**kwargs) -> Node:
+def prom_node(grants=None, **kwargs) -> Node:
     """A node whose observer is the relay's PrometheusMetrics, wired as makeService wires it."""
     def metrics(node):
         return PrometheusMetrics(
-            "relay", tenant_of=lambda t: node.tunnels.tenant_of(t), live_links=lambda: node.tunnels.links,
+            "relay", tenant_of=lambda t: node.tunnels.tunnel_tenant(t), live_links=lambda: node.tunnels.links,
             **kwargs,
         )
-    return Node(metrics=metrics)
+    return Node(metrics=metrics, grants=grants)
 
 
 def scrape(metrics, prefix="tunnel_relay") -> dict:
@@ -126,7 +126,7 @@ def test_open_latency_lands_in_the_bucket_of_the_time_to_accept():
 def test_refusals_auth_and_allocation_failures_and_limit_hits_are_counted_by_reason():
     """A bad token, a refused visitor, and a session limit each move their counter by one, with the limit and tenant named."""
     node = Node(limits=SessionLimits(max_tunnels=1), metrics=lambda n: PrometheusMetrics(
-        "relay", tenant_of=lambda t: n.tunnels.tenant_of(t), live_links=lambda: n.tunnels.links))
+        "relay", tenant_of=lambda t: n.tunnels.tunnel_tenant(t), live_links=lambda: n.tunnels.links))
     node.agent(token="wrong-" + TOKEN)
     agent = node.agent()
     reply = agent.open(allow=["192.0.2.0/24"])
@@ -236,7 +236,7 @@ def test_the_agents_metrics_page_serves_only_metrics_to_loopback_names():
 def test_a_visitor_over_a_stream_limit_is_a_limit_hit_of_its_tenant():
     """A visitor refused by streams_per_tunnel counts as that refusal and as a limit hit with the session's tenant."""
     node = Node(limits=SessionLimits(max_streams_per_tunnel=1), metrics=lambda n: PrometheusMetrics(
-        "relay", tenant_of=lambda t: n.tunnels.tenant_of(t), live_links=lambda: n.tunnels.links))
+        "relay", tenant_of=lambda t: n.tunnels.tunnel_tenant(t), live_links=lambda: n.tunnels.links))
     agent = node.agent()
     port = agent.open().body["tunnel"]["port"]
     visit(node, port)
@@ -245,3 +245,22 @@ def test_a_visitor_over_a_stream_limit_is_a_limit_hit_of_its_tenant():
     samples = scrape(node.metrics)
     assert value(samples, "tunnel_relay_visitors_refused_total", reason="streams_per_tunnel") == 1
     assert value(samples, "tunnel_relay_limit_hits_total", limit="streams_per_tunnel", tenant="dev") == 1
+
+
+def test_a_tunnel_of_another_tenant_is_labelled_with_its_own_tenant():
+    """A tunnel opened with an acme token counts under tenant="acme", never under the dev tenant."""
+    from relay.node.tenants import DEV_GRANT, Grant
+
+    acme = "acme-token-for-the-labels"
+    node = prom_node(grants={TOKEN: DEV_GRANT,
+                             acme: Grant(tenant="acme", token_id="t-acme")})
+    agent = node.agent(acme)
+    reply = agent.open()
+    tunnel_id, port = reply.body["tunnel"]["id"], reply.body["tunnel"]["port"]
+    visit(node, port)
+    accept_all(agent)
+    samples = scrape(node.metrics)
+    assert value(samples, "tunnel_relay_tunnel_streams_active", tunnel=tunnel_id, tenant="acme") == 1
+    assert value(samples, "tunnel_relay_tenant_tunnels_active", tenant="acme") == 1
+    assert series_with(samples, "tenant", "dev") == [] or value(
+        samples, "tunnel_relay_tenant_tunnels_active", tenant="dev") in (None, 0)

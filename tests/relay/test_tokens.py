@@ -243,6 +243,8 @@ def test_relay_admin_add_json_and_revoke_a_whole_tenant(tmp_path, capsys):
         (("token", "add", "--tenant", "a", "--bandwidth", "fast"), 2, "bytes per second"),
         (("token", "add", "--tenant", "a", "--ports", "30000"), 2, "LO-HI"),
         (("token", "add", "--tenant", "a", "--names", "Web"), 2, "a name is"),
+        (("token", "add", "--tenant", "a", "--names", "a--b"), 2, "a name is"),
+        (("token", "add", "--tenant", "a", "--names", ",,"), 2, "--names"),
         (("token", "change", "nosuchid", "--max-tunnels", "1"), 3, "no token"),
         (("token", "revoke", "--tenant", "nobody"), 3, "no tokens of tenant"),
     ],
@@ -273,3 +275,12 @@ def test_relay_admin_on_a_folder_of_an_earlier_release_keeps_the_dev_token(tmp_p
     _admin(tmp_path, "token", "add", "--tenant", "acme", capsys=capsys)
     store = TokenStore(tokens.ensure_tokens_file(tmp_path, state.token_hashes, replace_dev=False))
     assert store.check_token(state.new_token).tenant == "dev"
+
+
+def test_a_token_may_allow_every_name_an_agent_may_ask_for(tmp_path, capsys):
+    """--names takes the grammar of `tunnel-client --name`: hyphens inside, up to 32 characters."""
+    long_name = "a" * 32
+    code, _, err = _admin(tmp_path, "token", "add", "--tenant", "acme", "--names", f"my-app,{long_name}", capsys=capsys)
+    assert code == 0, err
+    [record] = tokens.read_tokens(tmp_path / "tokens.json")
+    assert record.limits.names == frozenset({"my-app", long_name})
