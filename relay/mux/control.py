@@ -395,6 +395,63 @@ def close_tunnel_request(request_id: int, tunnel_id: str) -> dict:
     return {"id": request_id, "op": Op.CLOSE_TUNNEL.value, "tunnel": tunnel_id}
 
 
+# -- sessions of several links (docs/protocol.md, "Joining a session") -------------
+
+# The links one agent may ask to keep (HELLO `links`): cloudflared keeps 4.
+MAX_LINKS_PER_SESSION = 16
+# Join secrets are 32 bytes from `secrets`, url-safe base64 (43 characters).
+JOIN_SECRET_BYTES = 32
+MAX_SESSION_ID_CHARS = 32
+
+
+@dataclass(frozen=True)
+class Join:
+    """The `join` field of an agent's HELLO: the session its link joins."""
+
+    session: str
+    secret: str = field(repr=False)
+
+
+def hello_fields(token: str, agent: str | None = None, *, links: int = 1, join: Join | None = None) -> dict:
+    """The agent's HELLO fields: a new session wanting `links` links, or a
+    link joining the session `join` names (the secret its first link got)."""
+    fields = {"token": token} if agent is None else {"token": token, "agent": agent}
+    if join is not None:
+        fields["join"] = {"session": join.session, "secret": join.secret}
+    else:
+        fields["links"] = links
+    return fields
+
+
+def parse_hello_links(info: dict) -> int:
+    """How many links a new session's agent keeps (1 if absent or malformed), capped."""
+    links = info.get("links", 1)
+    if type(links) is not int or links < 1:
+        return 1
+    return min(links, MAX_LINKS_PER_SESSION)
+
+
+def parse_join(info: dict) -> Join | None:
+    """The HELLO's join request, or None for a new session. A `join` that is
+    not an object of two short strings is a join that cannot succeed: it is
+    refused (JOIN_REFUSED), never taken for a new session."""
+    join = info.get("join")
+    if join is None:
+        return None
+    if not isinstance(join, dict):
+        return Join("", "")
+    session, secret = join.get("session"), join.get("secret")
+    if not isinstance(session, str) or not isinstance(secret, str) or len(session) > MAX_SESSION_ID_CHARS:
+        return Join("", "")
+    return Join(session, secret[:256])
+
+
+def joined_secret(info: dict) -> str | None:
+    """The relay's HELLO `join_secret` (the session's first link only), or None."""
+    secret = info.get("join_secret")
+    return secret if isinstance(secret, str) and 0 < len(secret) <= 256 else None
+
+
 # -- replies -----------------------------------------------------------------------
 
 
@@ -407,11 +464,15 @@ def error_reply(request_id: int, error: TunnelRequestError) -> dict:
     return {"id": request_id, "ok": False, "error": {"code": code, "message": str(error)}}
 
 
-def opened_reply(request_id: int, tunnel: dict, *, reclaimed: bool, reclaim_secret: str | None = None) -> dict:
-    """open_tunnel's success: the tunnel's description, and on a fresh tunnel its reclaim secret."""
+def opened_reply(request_id: int, tunnel: dict, *, reclaimed: bool, reclaim_secret: str | None = None,
+                 replica: bool = False) -> dict:
+    """open_tunnel's success: the tunnel's description, and on a fresh tunnel
+    its reclaim secret; a replica (another agent of the stable name) gets none."""
     body = {"tunnel": tunnel, "reclaimed": reclaimed}
     if reclaim_secret is not None:
         body["reclaim_secret"] = reclaim_secret
+    if replica:
+        body["replica"] = True
     return ok_reply(request_id, body)
 
 

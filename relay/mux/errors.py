@@ -33,6 +33,10 @@ class ErrorCode(IntEnum):
     # GOAWAY (docs/protocol.md, "Draining"). A peer that predates it closes at
     # once, as on any GOAWAY.
     DRAINING = 0x10
+    # HELLO refused: its `join` names no live session of this token, or the
+    # wrong join secret (docs/protocol.md, "Joining a session"). Not fatal:
+    # the agent dials again, as a new session if none of its links is up.
+    JOIN_REFUSED = 0x11
 
 
 class MuxError(Exception):

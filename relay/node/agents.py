@@ -66,6 +66,9 @@ class RelayLink(MuxLink):
         # of the token this session logged in with (None before login).
         self.grant = None
         self.graceful = False  # the agent said GOAWAY(NO_ERROR): free its tunnels now
+        # relay/node/sessions.py: the session this link serves (after HELLO), its number in it
+        self.session = None
+        self.link_number = 0
         self._handshake_call = None
         self._open_deadlines: dict[int, float] = {}  # stream id -> when its open times out
         self._open_timer = None
@@ -105,24 +108,36 @@ class RelayLink(MuxLink):
             self.close_link(ErrorCode.AUTH_FAILED, "token refused")
             return
         self.grant = grant
-        self.authenticated = True
         self.login_ended()
         if self._handshake_call is not None and self._handshake_call.active():
             self._handshake_call.cancel()
         self._handshake_call = None
+        reply = {"relay": RELAY_AGENT_NAME, "keepalive_interval": self.keepalive_interval_seconds}
+        join = control.parse_join(info)
+        if join is not None:
+            # One more link of a session (docs/protocol.md, "Joining a session").
+            if self.tunnels.join_session(self, join) is None:
+                self._log.warn(
+                    "agent {peer}: link refused: it names no live session of its token, or a wrong join secret",
+                    peer=self.peer,
+                )
+                self.close_link(ErrorCode.JOIN_REFUSED, "no such session, or a wrong join secret")
+                return
+            reply.update(session=self.session_id, link=self.link_number)
+        else:
+            reply.update(
+                session=self.session_id,
+                join_secret=self.tunnels.start_session(self, control.parse_hello_links(info)),
+            )
+        self.authenticated = True
         self.tunnels.add_link(self)
         self.metrics.link_up(self.session_id, self.peer)
-        self.mux.send_hello(
-            {
-                "relay": RELAY_AGENT_NAME,
-                "session": self.session_id,
-                "keepalive_interval": self.keepalive_interval_seconds,
-            }
-        )
-        self._log.info(
-            "agent {agent} connected from {peer} ({client})",
-            agent=self.session_id, peer=self.peer, client=str(info.get("agent", "?"))[:80],
-        )
+        self.mux.send_hello(reply)
+        if join is None:
+            self._log.info(
+                "agent {agent} connected from {peer} ({client})",
+                agent=self.session_id, peer=self.peer, client=str(info.get("agent", "?"))[:80],
+            )
 
     # -- control requests (relay/mux/control.py) ---------------------------------
 
@@ -164,9 +179,9 @@ class RelayLink(MuxLink):
 
         def opened(result):
             tunnel, secret = result
-            self._send_reply(
-                control.opened_reply(request_id, tunnel.describe(), reclaimed=False, reclaim_secret=secret)
-            )
+            self._send_reply(control.opened_reply(
+                request_id, tunnel.describe(), reclaimed=False, reclaim_secret=secret, replica=secret is None,
+            ))
 
         def refused(failure):
             failure.trap(TunnelRequestError)

@@ -90,7 +90,11 @@ class Tunnel:
     client_ca: bytes | None = field(default=None, repr=False)  # PEM, for relay-side mTLS
     client_ca_digest: bytes | None = field(default=None, repr=False)  # sha256 of client_ca
     # The live links serving it, oldest first; empty while it waits in grace.
+    # They are the links of its sessions (relay/node/sessions.py): the one
+    # that opened it, and replicas of a stable name.
     links: list = field(default_factory=list)
+    sessions: list = field(default_factory=list)  # live sessions serving it, first one first
+    owner: object = None  # the session given its reclaim secret (a takeover replaces its links)
     detached_at: float | None = None
     # The new-stream token bucket (TunnelManager.admit): tokens, and when counted.
     stream_tokens: float = -1.0

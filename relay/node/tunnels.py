@@ -62,12 +62,16 @@ from relay.node.limits import DEFAULT_LIMITS, SessionLimits
 from relay.node.listeners import PublicPorts, VisitorFactory
 from relay.mux import ErrorCode
 from relay.node.reservations import MAX_NAMES_PER_TENANT, NameRegistry
+from relay.node.sessions import SessionTable, tunnel_status
 from relay.node.tenants import DEV_TENANT
 from relay.wire.metrics import NULL_METRICS
 from relay.wire.splice import Splice
 from relay.wire.throttle import ThrottledSplice, TokenBucket
 
 DEFAULT_GRACE_SECONDS = 60.0
+# What a second live agent of a tenant's stable name does (--replica-policy):
+# join the tunnel as a replica, or be refused as a duplicate (name_in_use).
+REPLICA_POLICIES = ("join", "refuse")
 # At most one log line per token and reason this often for refused visitors.
 REFUSAL_LOG_SECONDS = 10.0
 # The rate a live throttled splice gets when its cap is lifted: never in debt.
@@ -121,7 +125,12 @@ class TunnelManager:
         metrics=NULL_METRICS,
         limits: SessionLimits = DEFAULT_LIMITS,
         node: str | None = None,
+        replica_policy: str = "join",
     ):
+        if replica_policy not in REPLICA_POLICIES:
+            raise ValueError(f"replica policy: one of {', '.join(REPLICA_POLICIES)}")
+        self.replica_policy = replica_policy
+        self.sessions = SessionTable(reactor)
         self.reactor = reactor
         # A fleet's node name (docs/network.md): random hostnames carry it as
         # a label, <id>.<node>.<domain>, so DNS alone finds their node.
@@ -141,7 +150,6 @@ class TunnelManager:
         self.draining = False
         self.on_link_gone = None  # called after each authenticated link is gone (the drain watches)
         self._local: dict[str, Tunnel] = {}  # tunnels whose sockets and links this node holds
-        self._by_link: dict[object, set[str]] = {}  # link -> ids of the tunnels it serves
         # One copy of each distinct client CA PEM, shared by the tunnels naming it.
         self._client_cas: dict[bytes, list] = {}  # sha256 -> [pem, tunnels using it]
         # Per token (relay/node/tokens.py): its live links, and the tunnels it
@@ -175,6 +183,45 @@ class TunnelManager:
         self.links.add(link)
         self._links_by_token.setdefault(_token_id(link), set()).add(link)
 
+    def start_session(self, link, wanted_links: int) -> str:
+        """`link` (authenticated) starts a session; its join secret."""
+        return self.sessions.start(link, wanted_links)
+
+    def join_session(self, link, join):
+        """`link` (authenticated) joins the session `join` names and serves
+        each of its tunnels; the session, or None if refused."""
+        session = self.sessions.join(link, join)
+        if session is None:
+            return None
+        for tunnel_id in list(session.tunnel_ids):
+            tunnel = self._local.get(tunnel_id)
+            if tunnel is not None:
+                d = self.directory.attach_link(tunnel, link, replace=False)
+                d.addErrback(lambda f: self._log.failure("attach_link failed", f))
+        self._log.info(
+            "agent {agent}: link {number} joined ({live} of {wanted} links)",
+            agent=session.session_id, number=link.link_number, live=len(session.live_links()),
+            wanted=session.wanted_links,
+        )
+        return session
+
+    @staticmethod
+    def _serving(session) -> list:
+        """The links of a session that may take new visitors: live, not draining."""
+        return [
+            link for link in session.live_links()
+            if not link.graceful and not link.mux.draining
+        ]
+
+    @defer.inlineCallbacks
+    def _attach_session(self, tunnel: Tunnel, session):
+        """Every serving link of `session` serves `tunnel` from now on."""
+        for link in self._serving(session):
+            yield self.directory.attach_link(tunnel, link, replace=False)
+        if session not in tunnel.sessions:
+            tunnel.sessions.append(session)
+        session.tunnel_ids.add(tunnel.tunnel_id)
+
     def _drop_link(self, link) -> None:
         self.links.discard(link)
         token_id = _token_id(link)
@@ -199,6 +246,8 @@ class TunnelManager:
                 revoked.append(link)
             else:
                 link.grant = new
+                if getattr(link, "session", None) is not None:
+                    link.session.grant = new
         for tunnel_id, buckets in list(self._buckets.items()):
             tunnel = self._local.get(tunnel_id)
             link = tunnel.pick_link() if tunnel is not None else None
@@ -258,7 +307,10 @@ class TunnelManager:
         record = None
         if stable is not None:
             try:
-                record = yield self._claim_name(link, request)
+                record, holder = yield self._claim_name(link, request)
+                if holder is not None:
+                    yield self._join_replica(link, holder, request)
+                    return holder, None
             except TunnelRequestError as e:
                 self.metrics.allocation_failed(getattr(e.code, "value", str(e.code)))
                 self._log.info("agent {agent}: {error}", agent=link.session_id, error=str(e))
@@ -294,7 +346,7 @@ class TunnelManager:
                 else:
                     label = self._label(tunnel_id, endpoint.service, stable, tenant)
                     yield self._claim_endpoint_hostname(tunnel, endpoint, f"{label}.{self.domain}")
-            if link.closed:  # the agent left while we were binding
+            if not self._serving(link.session):  # the agent left while we were binding
                 raise TunnelRequestError(RequestErrorCode.LINK_CLOSED, "link closed")
             yield self.directory.add(tunnel)
         except BaseException as e:
@@ -304,9 +356,9 @@ class TunnelManager:
             if isinstance(e, LimitExceededError):  # the token's port range
                 self.metrics.limit_hit(e.limit or "port_range", tenant_of_link(link))
             raise
-        yield self.directory.attach_link(tunnel, link, replace=True)
+        tunnel.owner = link.session
+        yield self._attach_session(tunnel, link.session)
         self._local[tunnel_id] = tunnel
-        self._by_link.setdefault(link, set()).add(tunnel_id)
         token_id = _token_id(link)
         self._tunnels_by_token.setdefault(token_id, set()).add(tunnel_id)
         self._token_of[tunnel_id] = token_id
@@ -384,7 +436,13 @@ class TunnelManager:
                 )
         holder = self._named.get(stable)
         if holder is not None:
-            if self._local.get(holder.tunnel_id) is not holder or holder.pick_link() is not None:
+            if self._local.get(holder.tunnel_id) is holder and holder.pick_link() is not None:
+                if self.replica_policy == "join" and record is not None:
+                    return record, holder  # a replica of the live tunnel (issue 14)
+                raise NameInUseError(
+                    None, f"the name {stable!r} is served by another live agent of this tenant",
+                )
+            if self._local.get(holder.tunnel_id) is not holder:
                 raise NameInUseError(
                     None, f"the name {stable!r} is served by another live agent of this tenant",
                 )
@@ -398,7 +456,27 @@ class TunnelManager:
                 raise LimitExceededError(None, f"stable names per tenant: at most {MAX_NAMES_PER_TENANT}")
             record = self.names.claim(stable, tenant)
             self._changed()
-        return record
+        return record, None
+
+    @defer.inlineCallbacks
+    def _join_replica(self, link, tunnel: Tunnel, request: OpenTunnel):
+        """`link`'s session serves the live tunnel of its stable name too, as
+        a replica: same services (each replica may forward them to its own
+        local targets); the tunnel's other settings are its first agent's."""
+        wanted = [(s.name, s.kind) for s in request.services]
+        if wanted != [(e.service, e.kind) for e in tunnel.endpoints]:
+            raise NameInUseError(
+                None, f"the name {tunnel.stable_name!r} is served with other services: a replica asks for the same ones",
+            )
+        session = link.session
+        if session in tunnel.sessions:
+            return tunnel  # asked twice by one session: it serves it already
+        yield self._attach_session(tunnel, session)
+        self._log.info(
+            "agent {agent} joined tunnel {tunnel} ({name}) as a replica: {count} replicas",
+            agent=link.session_id, tunnel=tunnel.tunnel_id, name=tunnel.stable_name, count=len(tunnel.sessions),
+        )
+        return tunnel
 
     def _kept_port(self, tunnel: Tunnel, endpoint: Endpoint) -> bool:
         """Whether the endpoint's port is its stable name's (kept when it closes)."""
@@ -424,10 +502,19 @@ class TunnelManager:
             self._refresh_restored(tunnel, request)
         self.grace.cancel(tunnel.tunnel_id)
         tunnel.deadline = None
-        replaced = yield self.directory.attach_link(tunnel, link, replace=True)
-        for old in replaced:
-            self._by_link.get(old, set()).discard(tunnel.tunnel_id)
-        self._by_link.setdefault(link, set()).add(tunnel.tunnel_id)
+        session, old_owner = link.session, tunnel.owner
+        replaced = []
+        if old_owner is not None and old_owner is not session:
+            # The secret's holder is back on a new session: the old one's
+            # links stop serving it (a takeover); replicas keep theirs.
+            replaced = [old for old in tunnel.links if getattr(old, "session", None) is old_owner]
+            for old in replaced:
+                yield self.directory.detach_link(tunnel, old)
+            old_owner.tunnel_ids.discard(tunnel.tunnel_id)
+            if old_owner in tunnel.sessions:
+                tunnel.sessions.remove(old_owner)
+        tunnel.owner = session
+        yield self._attach_session(tunnel, session)
         for old in replaced:
             if not old.closed:
                 # The agent is back before we noticed its old link died: take over now.
@@ -567,8 +654,10 @@ class TunnelManager:
                 del self._tunnels_by_token[token_id]
         tunnel.deadline = None
         links, tunnel.links = tunnel.links, []
+        for session in tunnel.sessions:
+            session.tunnel_ids.discard(tunnel.tunnel_id)
+        tunnel.sessions = []
         for link in links:
-            self._by_link.get(link, set()).discard(tunnel.tunnel_id)
             if not keep_streams:
                 link.close_visitors(tunnel)
         unbinding = self._release(tunnel)
@@ -580,8 +669,18 @@ class TunnelManager:
     def close_for_link(self, link, tunnel_id: str) -> None:
         """The agent's close_tunnel: only a tunnel this link serves."""
         tunnel = self._local.get(tunnel_id)
-        if tunnel is None or link not in tunnel.links:
+        session = link.session
+        if tunnel is None or tunnel_id not in session.tunnel_ids:
             raise UnknownTunnelError(None, "no such tunnel on this link")
+        if any(other is not session for other in tunnel.sessions):
+            # A replica leaves: the others go on serving the tunnel.
+            session.tunnel_ids.discard(tunnel_id)
+            tunnel.sessions.remove(session)
+            for other in [old for old in tunnel.links if old.session is session]:
+                self.directory.detach_link(tunnel, other)
+                other.close_visitors(tunnel)
+            self._log.info("agent {agent} left tunnel {tunnel} (a replica)", agent=link.session_id, tunnel=tunnel_id)
+            return
         self.close(tunnel, "agent closed it")
 
     def _release(self, tunnel: Tunnel) -> list:
@@ -602,7 +701,15 @@ class TunnelManager:
         """A link ended: its tunnels end too (agent said goodbye), or wait in
         grace once no other link serves them."""
         self._drop_link(link)
+        session = getattr(link, "session", None)
         self._detach_all(link, graceful, keep_streams=False)
+        if session is not None and self.sessions.leave(link):
+            # Its last link: it serves nothing now. Its tunnels wait in their
+            # grace period unless a replica serves them.
+            for tunnel_id in list(session.tunnel_ids):
+                tunnel = self._local.get(tunnel_id)
+                if tunnel is not None and session in tunnel.sessions:
+                    tunnel.sessions.remove(session)
         if self.on_link_gone is not None:
             self.on_link_gone()
 
@@ -613,8 +720,11 @@ class TunnelManager:
         self._detach_all(link, True, keep_streams=True)
 
     def _detach_all(self, link, graceful: bool, keep_streams: bool) -> None:
-        served = self._by_link.pop(link, set())
-        for tunnel in [self._local[i] for i in served if i in self._local]:
+        session = getattr(link, "session", None)
+        served = session.tunnel_ids if session is not None else ()
+        for tunnel in [self._local[i] for i in list(served) if i in self._local]:
+            if link not in tunnel.links:
+                continue  # drained before it was lost: detached then
             d = self.directory.detach_link(tunnel, link)
             d.addCallback(self._detached, tunnel, graceful, keep_streams)
             d.addErrback(lambda f: self._log.failure("detach_link failed", f))
@@ -636,7 +746,7 @@ class TunnelManager:
 
     def _check_limits(self, link, request: OpenTunnel) -> None:
         limits = self.limits_of(link)
-        held = [self._local[i] for i in self._by_link.get(link, ()) if i in self._local]
+        held = [self._local[i] for i in link.session.tunnel_ids if i in self._local]
         if len(held) + 1 > limits.max_tunnels:
             raise LimitExceededError(None, f"tunnels per session: at most {limits.max_tunnels}", "tunnels")
         if limits.token_max_tunnels is not None:
@@ -837,6 +947,8 @@ class TunnelManager:
             if tunnel.detached_at is not None and live is None:
                 item["waiting_seconds"] = round(self.reactor.seconds() - tunnel.detached_at, 3)
             item["agent"] = live.session_id if live is not None else None
+            item["status"] = tunnel_status(tunnel)
+            item["replicas"] = [session.describe() for session in tunnel.sessions]
             if figures is not None:
                 counts = figures(tunnel.tunnel_id)
                 item["visitors"] = counts["streams_active"]

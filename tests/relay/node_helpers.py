@@ -23,7 +23,7 @@ class Node:
     """A TunnelManager, its metrics and an agent-link factory on one MemoryReactorClock."""
 
     def __init__(self, grace_seconds: float = 60.0, quarantine_seconds: float = 120.0, directory=None, limits=None,
-                 metrics=None, grants=None, state_dir=None, now: float = 0.0):
+                 metrics=None, grants=None, state_dir=None, now: float = 0.0, replica_policy: str = "join"):
         """`directory`: a directory class, made with this node's clock (default MemoryDirectory);
         `metrics(node)`: the node's metrics observer (default Counters).
         `grants`: token -> Grant (default: TOKEN, the dev tenant's). `state_dir`: keep
@@ -41,6 +41,7 @@ class Node:
             tls_port=443,
             grace_seconds=grace_seconds,
             metrics=self.metrics,
+            replica_policy=replica_policy,
             directory=directory(self.reactor) if directory is not None else None,
             **({"limits": limits} if limits is not None else {}),
         )
@@ -75,22 +76,31 @@ class Node:
         factories = [f for p, f, _backlog, _iface in self.reactor.tcpServers if p == port]
         return factories[-1]
 
-    def agent(self, token: str = TOKEN) -> "Agent":
-        return Agent(self, token)
+    def agent(self, token: str = TOKEN, *, links: int = 1) -> "Agent":
+        """A new session's first link; `links`: how many it says it keeps."""
+        return Agent(self, token, {"links": links})
+
+    def join(self, first: "Agent", token: str = TOKEN, secret: str | None = None) -> "Agent":
+        """One more link of `first`'s session (with its join secret, or `secret`)."""
+        session = first.hello["session"]
+        given = first.hello["join_secret"] if secret is None else secret
+        return Agent(self, token, {"join": {"session": session, "secret": given}})
 
 
 class Agent:
     """One agent link: the relay's RelayLink on a StringTransport, and the
     agent's MuxConnection that we drive by hand."""
 
-    def __init__(self, node: Node, token: str):
+    def __init__(self, node: Node, token: str, fields: dict | None = None):
         self.node = node
         self.link = node.factory.buildProtocol(None)
         self.transport = StringTransport()
         self.link.makeConnection(self.transport)
         self.mux = MuxConnection(Role.AGENT)
-        self.mux.send_hello({"token": token, "agent": "test"})
+        self.mux.send_hello({"token": token, "agent": "test", **(fields or {})})
         self.events = self._exchange()
+        hellos = [e.info for e in self.events if isinstance(e, ev.HelloReceived)]
+        self.hello = hellos[0] if hellos else None  # the relay's, if it accepted
         self._next_id = 1
 
     def _exchange(self) -> list:

@@ -32,9 +32,18 @@ class FakeRegistry:
         self.tunnels = {}
         self.draining = False  # TunnelManager.draining
         self.lost = []
+        from relay.node.sessions import SessionTable
+
+        self.sessions = SessionTable(__import__("twisted.internet.task", fromlist=["Clock"]).Clock())
 
     def add_link(self, link):
         self.links.add(link)
+
+    def start_session(self, link, wanted_links):
+        return self.sessions.start(link, wanted_links)
+
+    def join_session(self, link, join):
+        return self.sessions.join(link, join)
 
     def splice_for(self, tunnel, link):
         from relay.wire.splice import Splice

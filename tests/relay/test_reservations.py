@@ -237,8 +237,8 @@ def test_a_name_of_another_tenant_or_not_in_the_grant_is_a_typed_error():
 
 
 def test_a_second_live_agent_of_the_name_is_a_duplicate_unless_it_holds_the_secret():
-    """Two agents of one tenant on one live name: the second is name_in_use; one with the reclaim secret takes over (a reconnect)."""
-    node = Node()
+    """With --replica-policy refuse, two agents of one tenant on one live name: the second is name_in_use; one with the reclaim secret takes over (a reconnect)."""
+    node = Node(replica_policy="refuse")
     first = node.agent()
     reply = first.open(services=KINDS["tls"], stable_name="web")
     second = node.agent()
