@@ -180,7 +180,8 @@ class AdminAPI:
         body = {
             "status": "draining" if draining else "ok",
             "uptime_seconds": round(self.clock.seconds() - self.started_at, 3),
-            "agents": m.links_up,
+            "agents": len(self.tunnels.sessions),  # sessions: an agent of several links counts once
+            "links": m.links_up,
             "tunnels": m.tunnels_open,
             "streams_active": m.streams_active,
             "streams_total": m.streams_total,

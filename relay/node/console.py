@@ -117,6 +117,10 @@ class ConsoleView:
                 "name": item.get("name") or "",
                 "urls": [e["url"] for e in item["endpoints"]],
                 "state": item["state"],
+                "status": item["status"],  # Healthy, Degraded, Down or Inactive (relay/node/sessions.py)
+                "replicas": [
+                    f"{r['session']}: {len(r['links'])}/{r['wanted_links']} links" for r in item["replicas"]
+                ],
                 "tenant": grant.tenant if grant is not None else "",
                 "agent": item["agent"] or "",
                 "visitors": item.get("visitors", 0),
@@ -128,20 +132,23 @@ class ConsoleView:
                 "refused_total": item.get("refused_total", 0),
             })
         agent_rows = []
-        for link in sorted(self.tunnels.links, key=lambda link: link.accepted_at):
-            grant = link.grant
+        # One row per session (an agent), however many links it has.
+        for session in sorted(self.tunnels.sessions.values(), key=lambda s: s.started):
+            grant = session.grant
             record = records.get(grant.token_id) if grant is not None else None
-            streams = len(link.streams)
+            links = session.live_links()
             agent_rows.append({
-                "id": link.session_id,
-                "peer": link.peer,
-                "since": _iso(link.accepted_at),
-                "seconds": round(now - link.accepted_at),
+                "id": session.session_id,
+                "peer": ", ".join(sorted({link.peer for link in links})),
+                "since": _iso(session.started),
+                "seconds": round(now - session.started),
                 "tenant": grant.tenant if grant is not None else "",
                 "token_id": grant.token_id if grant is not None else "",
                 "token_label": record.label if record is not None else "",
-                "tunnels": sum(1 for t in self.tunnels.tunnels.values() if link in t.links),
-                "visitors": streams,
+                "status": session.status,
+                "links": f"{len(links)}/{session.wanted_links}",
+                "tunnels": sum(1 for i in session.tunnel_ids if i in self.tunnels.tunnels),
+                "visitors": sum(len(link.streams) for link in links),
             })
         token_rows = []
         for record in records.values():
@@ -196,7 +203,7 @@ def _limits_text(limits: dict) -> str:
 TABLES = {
     "tunnels": [
         ("id", "tunnel", "text"), ("urls", "addresses", "list"), ("state", "state", "text"),
-        ("tenant", "tenant", "text"), ("agent", "agent", "text"), ("visitors", "visitors", "num"),
+        ("status", "status", "text"), ("replicas", "replicas", "list"), ("tenant", "tenant", "text"), ("agent", "agent", "text"), ("visitors", "visitors", "num"),
         ("streams_total", "visits", "num"), ("bytes_to_service", "to service", "bytes"),
         ("bytes_to_visitors", "to visitors", "bytes"), ("rate_to_service", "rate to service", "rate"),
         ("rate_to_visitors", "rate to visitors", "rate"), ("refused_total", "refused", "num"),
@@ -205,7 +212,8 @@ TABLES = {
     "agents": [
         ("id", "agent", "text"), ("peer", "peer", "text"), ("since", "connected since", "text"),
         ("seconds", "for", "ago"), ("tenant", "tenant", "text"), ("token_id", "token", "text"),
-        ("token_label", "token label", "text"), ("tunnels", "tunnels", "num"), ("visitors", "visitors", "num"),
+        ("token_label", "token label", "text"), ("status", "status", "text"), ("links", "links", "text"),
+        ("tunnels", "tunnels", "num"), ("visitors", "visitors", "num"),
     ],
     "tokens": [
         ("tenant", "tenant", "text"), ("id", "token", "text"), ("label", "label", "text"),

@@ -38,7 +38,7 @@ from relay.node.drain import DEFAULT_GRACE_PERIOD_SECONDS, NodeDrain
 from relay.node.listeners import PublicPorts
 from relay.node.ports import PortAllocator
 from relay.node.reservations import ReservationFile
-from relay.node.tunnels import DEFAULT_GRACE_SECONDS, TunnelManager
+from relay.node.tunnels import DEFAULT_GRACE_SECONDS, REPLICA_POLICIES, TunnelManager
 from relay.wire.jsonlog import LOG_FORMATS, json_file_observer
 from relay.wire.metrics import Counters
 from relay.wire.prommetrics import MetricsPage, PrometheusMetrics, metrics_registry
@@ -71,6 +71,7 @@ SETTINGS = {
     "interface": ("127.0.0.1", str, "Address public tunnel ports bind (0.0.0.0 or :: in production)."),
     "grace-seconds": (DEFAULT_GRACE_SECONDS, float, "How long a dropped agent's tunnel waits for it to reconnect."),
     "grace-period": (DEFAULT_GRACE_PERIOD_SECONDS, float, "On SIGTERM, how long streams in progress may take to finish before the relay closes them and exits (a second SIGTERM or SIGINT: at once)."),
+    "replica-policy": ("join", str, "A second live agent of a tenant's stable name: join (a replica of the tunnel; visitors spread over both) or refuse (name_in_use)."),
     "port-quarantine-seconds": (120.0, float, "How long a freed port rests before reuse."),
     "keepalive-interval": (DEFAULT_KEEPALIVE_INTERVAL_SECONDS, float, "Seconds between link pings."),
     "keepalive-timeout": (DEFAULT_KEEPALIVE_TIMEOUT_SECONDS, float, "Silence after which a link is dead."),
@@ -179,6 +180,8 @@ class Options(usage.Options):
             raise usage.UsageError(f"--admin-auth wants one of {', '.join(AUTH_MODES)}, not {self['admin-auth']!r}")
         if self["grace-period"] < 0:
             raise usage.UsageError("--grace-period must be 0 or more")
+        if self["replica-policy"] not in REPLICA_POLICIES:
+            raise usage.UsageError(f"--replica-policy wants one of {', '.join(REPLICA_POLICIES)}, not {self['replica-policy']!r}")
         if self["keepalive-timeout"] <= self["keepalive-interval"]:
             raise usage.UsageError("--keepalive-timeout must exceed --keepalive-interval")
         if self["link-buffer-cap"] < MIN_LINK_BUFFER_CAP:
@@ -569,6 +572,7 @@ def _make_node(options) -> service.IService:
         metrics=metrics,
         directory=fleet.directory if fleet is not None else None,
         node=o["node"],
+        replica_policy=o["replica-policy"],
     )
     node = RelayNode(o, state, tunnels, metrics, reactor)
     node.setName("relay")
