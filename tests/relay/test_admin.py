@@ -156,6 +156,7 @@ def test_healthz_of_an_idle_node_is_all_zeros():
         "status": "ok",
         "uptime_seconds": 0.0,
         "agents": 0,
+        "links": 0,
         "tunnels": 0,
         "streams_active": 0,
         "streams_total": 0,
