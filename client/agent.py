@@ -58,6 +58,11 @@ RELAY_CONNECT_TIMEOUT_SECONDS = 10.0
 # met by every agent in the same instant.
 BACKOFF_INITIAL_SECONDS = 1.0
 BACKOFF_MAX_STEP_SECONDS = 20.0
+# Links an agent keeps by default (--links): two, so losing one loses only
+# its streams (cloudflared keeps four, Teleport agents a configurable count).
+DEFAULT_LINKS = 2
+MAX_LINKS = control.MAX_LINKS_PER_SESSION
+HEALTHY, DEGRADED, DOWN, INACTIVE = "Healthy", "Degraded", "Down", "Inactive"
 
 
 _WRONG_NAME = "the relay's certificate does not name"
@@ -155,6 +160,16 @@ class Tunnel:
         self.status = "opening"
         self.error: Exception | None = None  # why it closed, if not by request
         self.opened = defer.Deferred()  # fires with self at the first grant
+        self.agent = None  # the TunnelAgent holding it, for `health`
+        self.replica = False  # served as a replica of another agent's tunnel of its stable name
+
+    @property
+    def health(self) -> str:
+        """The agent's status for this tunnel: Healthy (all its links up),
+        Degraded (some up), Down (none up, or closed), Inactive (never connected yet)."""
+        if self.status == "closed":
+            return DOWN
+        return self.agent.status if self.agent is not None else INACTIVE
 
     @property
     def url(self) -> str | None:
@@ -197,7 +212,7 @@ class Tunnel:
 class AgentLink(MuxLink):
     _log = Logger()
 
-    def __init__(self, agent: "TunnelAgent"):
+    def __init__(self, agent: "TunnelAgent", slot: int = 0):
         super().__init__(
             MuxConnection(Role.AGENT),
             agent.reactor,
@@ -206,19 +221,32 @@ class AgentLink(MuxLink):
             metrics=agent.metrics,
         )
         self.agent = agent
+        self.slot = slot  # which of the agent's --links this is
         self.ready = False
+        self.joining = False  # its HELLO joins the agent's session (docs/protocol.md)
+        self.hello_sent = False
         self.session_id = "?"
         self.dials_in_progress = 0  # service connections being made for streams
 
     def on_connected(self):
-        self.mux.send_hello({"token": self.agent.token, "agent": AGENT_NAME})
+        self.agent.link_connected(self)
+
+    def send_hello(self, join: control.Join | None) -> None:
+        """HELLO: a new session keeping the agent's links, or a join of its session."""
+        if self.closed or self.hello_sent:
+            return
+        self.hello_sent = True
+        self.joining = join is not None
+        self.mux.send_hello(control.hello_fields(
+            self.agent.token, AGENT_NAME, links=self.agent.links_wanted, join=join,
+        ))
         self.flush()
 
     def on_hello(self, info: dict):
         self.ready = True
         self.session_id = str(info.get("session", "?"))[:32]
-        self.send_ping()  # a round-trip time from the start, not after the first keepalive interval
-        self.agent.link_ready(self)
+        self.send_ping()  # a round-trip time from the start (/healthz), not after the first keepalive interval
+        self.agent.link_ready(self, control.joined_secret(info))
 
     def on_control(self, message: dict):
         self.agent.control_reply(message)
@@ -268,6 +296,9 @@ class AgentLink(MuxLink):
         self._log.debug("visitor TLS handshake failed: {reason}", reason=reason)
 
     def on_goaway(self, code, message: str):
+        if code == ErrorCode.JOIN_REFUSED:
+            self._log.info("the relay refused link {slot} into the session ({message}); redialling", slot=self.slot, message=message[:200])
+            return
         if code == ErrorCode.DRAINING:
             if self.mux.state is LinkState.OPEN:
                 self.agent.link_draining(self)
@@ -391,11 +422,12 @@ class _ServiceDial(ClientFactory):
 class _AgentLinkFactory(Factory):
 
     noisy = False  # one log line per tunnel/link is ours to write
-    def __init__(self, agent: "TunnelAgent"):
+    def __init__(self, agent: "TunnelAgent", slot: int = 0):
         self.agent = agent
+        self.slot = slot
 
     def buildProtocol(self, addr):
-        return AgentLink(self.agent)
+        return AgentLink(self.agent, self.slot)
 
 
 class TunnelAgent:
@@ -430,14 +462,20 @@ class TunnelAgent:
         keepalive_timeout_seconds: float = DEFAULT_KEEPALIVE_TIMEOUT_SECONDS,
         metrics=NULL_METRICS,
         on_visitor=None,
+        links: int = DEFAULT_LINKS,
     ):
         if not token:
             raise ConfigurationError("no token: set TUNNEL_TOKEN or pass --token")
+        if isinstance(links, bool) or not isinstance(links, int) or not 1 <= links <= MAX_LINKS:
+            raise ConfigurationError(f"--links must be 1 to {MAX_LINKS}")
+        self.links_wanted = links
         self.reactor = reactor
         self.relay_host, self.relay_port = parse_host_port(relay)
         self.token = token
         self.ca_path = ca_path
         self.tunnels = [Tunnel(spec) for spec in specs]
+        for tunnel in self.tunnels:
+            tunnel.agent = self
         self.tunnels_by_id: dict[str, Tunnel] = {}
         self.on_tunnel = on_tunnel or (lambda tunnel, event: None)
         self.on_visitor = on_visitor
@@ -447,15 +485,25 @@ class TunnelAgent:
         self.keepalive_interval_seconds = keepalive_interval_seconds
         self.keepalive_timeout_seconds = keepalive_timeout_seconds
         self.metrics = metrics  # relay.wire.metrics.IMetricsObserver
-        self.link: AgentLink | None = None
+        # The session (docs/protocol.md, "Joining a session"): its id and join
+        # secret while one of our links is in it; its ready links; the link
+        # whose fresh HELLO is under way, and the links waiting for it.
+        self._session: control.Join | None = None
+        self._links_target = 1  # links_wanted once the relay gave a join secret
+        self.ready_links: list[AgentLink] = []
+        self._primary: AgentLink | None = None
+        self._held: list[AgentLink] = []
+        self._extra_services: list[ClientService] = []
+        self._slot_attempts: dict[int, int] = {}
+        self._gone: dict[AgentLink, defer.Deferred] = {}  # links we wait to see closed
         self.done = defer.Deferred()
         self._ever_ready = False
         self._stopping = False
         # request id -> the tunnel being opened, or the Deferred of a close
         self._pending: dict[int, Tunnel | defer.Deferred] = {}
         self._next_request_id = 1
+        self._sent_on: dict[int, AgentLink] = {}  # request id -> the link it went on
         self._service: ClientService | None = None
-        self._link_gone: defer.Deferred | None = None
         self._attempts_since_link = 0  # failed connects and lost links since the last ready link
         self._failure_reason: str | None = None  # why the current attempt failed, once known
         self._resolved: dict[ServiceSpec, tuple[str, int]] = {}
@@ -464,6 +512,44 @@ class TunnelAgent:
         self._drain_timer = None
         self._drain_started = 0.0
         self._drain_how: str | None = None  # "drained", "deadline" or "forced", once it ended
+
+    @property
+    def link(self) -> AgentLink | None:
+        """A ready link of the session (the oldest not draining), or None: control requests go on it."""
+        live = [link for link in self.ready_links if not link.closed]
+        return next((link for link in live if not link.mux.draining), live[0] if live else None)
+
+    @property
+    def status(self) -> str:
+        """Healthy (every link it keeps is up), Degraded (some), Down (none),
+        Inactive (never connected yet)."""
+        if not self._ever_ready:
+            return INACTIVE
+        up = sum(1 for link in self.ready_links if not link.closed)
+        if up == 0 or self.stopped:
+            return DOWN
+        return HEALTHY if up >= self._links_target else DEGRADED
+
+    def link_states(self) -> list[dict]:
+        """Each link the agent keeps: up or down, its session and round-trip time (/healthz)."""
+        up = {link.slot: link for link in self.ready_links if not link.closed}
+        out = []
+        for slot in range(self._links_target if self._ever_ready else self.links_wanted):
+            link = up.get(slot)
+            rtt = link.rtt_seconds if link is not None else None
+            out.append({
+                "link": slot,
+                "state": "up" if link is not None else "down",
+                "session": link.session_id if link is not None else None,
+                "rtt_ms": None if rtt is None else round(rtt * 1000, 2),
+                "streams": len(link.streams) if link is not None else 0,
+            })
+        return out
+
+    @property
+    def ready(self) -> bool:
+        """Every tunnel has its address and a link serves it (/ready)."""
+        return self.link is not None and all(t.status == "live" for t in self.tunnels)
 
     @property
     def draining(self) -> bool:
@@ -478,6 +564,7 @@ class TunnelAgent:
         """Ask for one more tunnel on this agent's link; `tunnel.opened` fires
         with it once granted, or errs with a TunnelError."""
         tunnel = Tunnel(spec, keep_address=keep_address)
+        tunnel.agent = self
         self.tunnels.append(tunnel)
         if self._link_usable(self.link):
             self._request_tunnel(self.link, tunnel)  # else: asked on the next link
@@ -565,19 +652,20 @@ class TunnelAgent:
                 "set TUNNEL_RELAY / --relay to one of those names"
             ) from None
 
-    def _endpoint_and_factory(self):
+    def _endpoint_and_factory(self, slot: int = 0):
         tcp = HostnameEndpoint(
             self.reactor, self.relay_host, self.relay_port, timeout=self.connect_timeout_seconds
         )
         # The agent link's TLS is our stdlib-ssl layer: one C call per frame
         # (relay/wire/tlslayer.py), and no global reactor behind our back.
         factory = TLSLayerFactory(
-            self._client_context(), _AgentLinkFactory(self), self.reactor,
+            self._client_context(), _AgentLinkFactory(self, slot), self.reactor,
             server_side=False, server_hostname=self.relay_host, verify=self._verify_relay,
             on_handshake_failed=self.tls_failed,
             handshake_timeout_seconds=self.connect_timeout_seconds,
         )
-        return _ReportingEndpoint(tcp, self.connect_failed), factory
+        on_failed = self.connect_failed if slot == 0 else (lambda failure: None)
+        return _ReportingEndpoint(tcp, on_failed), factory
 
     @staticmethod
     def _backoff_seconds(failed_attempts: int) -> float:
@@ -648,6 +736,59 @@ class TunnelAgent:
         self._service = _QuietClientService(endpoint, factory, retryPolicy=self._next_retry_delay, clock=self.reactor)
         self._service.startService()
 
+    def _start_extra_links(self) -> None:
+        """Links 1..N-1, once the relay gave our session a join secret: each
+        its own ClientService, redialling with its own backoff and jitter."""
+        if self._extra_services or self._stopping or self._service is None:
+            return
+        for slot in range(1, self._links_target):
+            endpoint, factory = self._endpoint_and_factory(slot)
+            service = _QuietClientService(
+                endpoint, factory, retryPolicy=lambda n, slot=slot: self._slot_retry_delay(slot), clock=self.reactor,
+            )
+            self._extra_services.append(service)
+            service.startService()
+
+    def _slot_retry_delay(self, slot: int) -> float:
+        """An extra link's backoff: the same steps and jitter, counted per
+        link from its last ready link, quietly (link 0 says why it fails)."""
+        attempts = self._slot_attempts[slot] = self._slot_attempts.get(slot, 0) + 1
+        return self._backoff_seconds(attempts)
+
+    # -- the session's links -------------------------------------------------------
+
+    def link_connected(self, link: AgentLink) -> None:
+        """TLS is up: join our session if one of our links is in it, else
+        start one; while another link's fresh HELLO is under way, wait for it
+        (two fresh sessions would take the tunnels from each other)."""
+        if self._session is not None and self.link is not None:
+            link.send_hello(self._session)
+        elif self._primary is None or self._primary.closed:
+            self._primary = link
+            link.send_hello(None)
+        else:
+            self._held.append(link)
+
+    def _release_held(self) -> None:
+        held, self._held = self._held, []
+        for link in held:
+            if not link.closed:
+                self.link_connected(link)
+
+    def _services(self) -> list:
+        return [s for s in [self._service, *self._extra_services] if s is not None]
+
+    def _open_links(self) -> list:
+        links = list(self.ready_links)
+        links += [link for link in [self._primary, *self._held] if link is not None and link not in links]
+        return [link for link in links if not link.closed]
+
+    def _wait_gone(self, link: AgentLink) -> defer.Deferred:
+        d = self._gone.get(link)
+        if d is None:
+            d = self._gone[link] = defer.Deferred()
+        return d
+
     @staticmethod
     def _link_usable(link) -> bool:
         """A link new tunnels may be asked on: ready, open, and neither side draining."""
@@ -664,20 +805,22 @@ class TunnelAgent:
             if not self._drain.called:
                 self._end_drain("forced")
             return self._drain
-        link = self.link
-        if grace_seconds > 0 and link is not None and link.ready and not link.closed and link.streams:
+        links = [link for link in self.ready_links if not link.closed]
+        streams = sum(len(link.streams) for link in links)
+        if grace_seconds > 0 and streams:
             self._stopping = True
             self._drain = defer.Deferred()
             self._drain_started = self.reactor.seconds()
             self._log.info(
                 "draining: {streams} stream(s) may finish within {seconds:g}s; no new visitors "
                 "(SIGTERM again or SIGINT: stop at once)",
-                streams=len(link.streams), seconds=grace_seconds,
+                streams=streams, seconds=grace_seconds,
             )
-            self._link_gone = gone = defer.Deferred()
+            gone = defer.DeferredList([self._wait_gone(link) for link in links])
             gone.addCallback(lambda _: self._end_drain("drained"))
             self._drain_timer = self.reactor.callLater(grace_seconds, self._end_drain, "deadline")
-            link.drain("agent draining")
+            for link in links:
+                link.drain("agent draining")
             return self._drain
         return self._stop_now()
 
@@ -688,8 +831,7 @@ class TunnelAgent:
         if self._drain_timer is not None and self._drain_timer.active():
             self._drain_timer.cancel()
         self._drain_timer = None
-        link = self.link
-        left = len(link.streams) if link is not None and not link.closed else 0
+        left = sum(len(link.streams) for link in self.ready_links if not link.closed)
         elapsed = self.reactor.seconds() - self._drain_started
         if how == "drained":
             self._log.info("drained in {seconds:.2f}s: every stream finished", seconds=elapsed)
@@ -702,14 +844,13 @@ class TunnelAgent:
 
     def _stop_now(self) -> defer.Deferred:
         self._stopping = True
-        link = self.link
         waits = []
-        if link is not None and not link.closed:
-            self._link_gone = defer.Deferred()
-            waits.append(self._link_gone)
+        for link in self._open_links():
+            waits.append(self._wait_gone(link))
             link.close_link(ErrorCode.NO_ERROR, "agent stopping")
-        if self._service is not None and self._service.running:
-            waits.append(self._service.stopService())
+        for service in self._services():
+            if service.running:
+                waits.append(service.stopService())
         d = defer.DeferredList(waits, consumeErrors=True)
         d.addTimeout(3, self.reactor)
         d.addErrback(lambda f: None)  # stopping anyway: a slow goodbye is not an error
@@ -720,10 +861,11 @@ class TunnelAgent:
         if self.done.called:
             return
         self._stopping = True
-        if self._service is not None and self._service.running:
-            self._service.stopService().addErrback(lambda f: None)
-        if self.link is not None:
-            self.link.close_link(ErrorCode.NO_ERROR, "agent stopping")
+        for service in self._services():
+            if service.running:
+                service.stopService().addErrback(lambda f: None)
+        for link in self._open_links():
+            link.close_link(ErrorCode.NO_ERROR, "agent stopping")
         for tunnel in self.tunnels:
             self._mark_closed(tunnel)
             tunnel.error = error
@@ -738,16 +880,33 @@ class TunnelAgent:
 
     # -- link events -------------------------------------------------------------------
 
-    def link_ready(self, link: AgentLink) -> None:
-        self.link = link
+    def link_ready(self, link: AgentLink, join_secret: str | None = None) -> None:
+        self.ready_links.append(link)
         self.metrics.link_up(link.session_id, f"{self.relay_host}:{self.relay_port}")
-        self._attempts_since_link = 0
+        if link.slot == 0:
+            self._attempts_since_link = 0
+        else:
+            self._slot_attempts[link.slot] = 0
+        if link.joining:
+            # One more link of our session: it serves the session's tunnels already.
+            self._log.info(
+                "link {slot} joined session {session}: {up} of {wanted} links up",
+                slot=link.slot, session=link.session_id, up=len(self.ready_links), wanted=self._links_target,
+            )
+            return
+        if self._primary is link:
+            self._primary = None
         first = not self._ever_ready
         self._ever_ready = True
+        # A relay that predates sessions gives no join secret: one link then.
+        self._session = control.Join(link.session_id, join_secret) if join_secret else None
+        self._links_target = self.links_wanted if join_secret else 1
         if not first:
             self._log.info("link to the relay is back (session {session})", session=link.session_id)
         for tunnel in self.tunnels:
             self._request_tunnel(link, tunnel)
+        self._release_held()
+        self._start_extra_links()
 
     def link_draining(self, link: AgentLink) -> None:
         """The relay drains: its streams in progress finish on this link, no
@@ -758,18 +917,47 @@ class TunnelAgent:
             "the relay is draining: {streams} stream(s) finish on this link, then reconnecting",
             streams=len(link.streams),
         )
+        if self._link_usable(self.link):
+            return  # another link still serves the session
         for tunnel in self.tunnels:
             if tunnel.status == "live":
                 tunnel.status = "reconnecting"
 
     def link_lost(self, link: AgentLink) -> None:
-        if self.link is link:
-            self.link = None
+        if link in self.ready_links:
+            self.ready_links.remove(link)
+        if link in self._held:
+            self._held.remove(link)
+        if self._primary is link:
+            self._primary = None
+            self._release_held()  # one of them starts the session instead
         if link.ready:
             self.metrics.link_down(link.session_id, "stopping" if self._stopping else "lost")
-        if self._link_gone is not None and not self._link_gone.called:
-            self._link_gone.callback(None)
+        gone = self._gone.pop(link, None)
+        if gone is not None and not gone.called:
+            gone.callback(None)
+        others = self.link
+        if others is not None:
+            # The session lives on its other links: only this one's streams
+            # are lost; requests in flight on it go again on another.
+            moved = {rid: w for rid, w in self._pending.items() if self._sent_on.get(rid) is link}
+            for request_id, waiter in moved.items():
+                self._pending.pop(request_id)
+                self._sent_on.pop(request_id, None)
+                if isinstance(waiter, Tunnel):
+                    self._request_tunnel(others, waiter)
+                elif not waiter.called:
+                    waiter.callback(None)
+            if link.ready and not self._stopping:
+                self._log.warn(
+                    "lost link {slot} to the relay: {up} of {wanted} links up (Degraded); redialling it",
+                    slot=link.slot, up=len(self.ready_links), wanted=self._links_target,
+                )
+            return
+        if link.ready:
+            self._session = None  # every link is gone: the next one starts a new session
         pending, self._pending = self._pending, {}
+        self._sent_on = {}
         for waiter in pending.values():
             if isinstance(waiter, defer.Deferred) and not waiter.called:
                 waiter.callback(None)  # a close with the link gone: the relay frees it after grace
@@ -825,6 +1013,7 @@ class TunnelAgent:
         request_id = self._next_request_id
         self._next_request_id += 1
         self._pending[request_id] = waiter
+        self._sent_on[request_id] = link
         link.mux.send_control(make_request(request_id))
         link.flush()
 
@@ -841,6 +1030,7 @@ class TunnelAgent:
         """A reply from the relay (relay/mux/control.py): a close's, or an open's."""
         reply = control.parse_reply(message)  # no id: ControlEnvelopeError, the link closes
         waiter = self._pending.pop(reply.request_id, None)
+        self._sent_on.pop(reply.request_id, None)
         if isinstance(waiter, defer.Deferred):  # a close_tunnel reply
             if not waiter.called:
                 waiter.callback(None)
@@ -860,6 +1050,9 @@ class TunnelAgent:
             self._refused(tunnel, type(error)(error.code, f"the relay refused a tunnel to {targets}: {error}"))
             return
         tunnel_id, granted_endpoints, secret = control.granted_tunnel(reply)
+        if reply.body.get("replica") is True and not tunnel.replica:
+            tunnel.replica = True
+            self._log.info("another agent serves this name too: this one is a replica of its tunnel {tunnel}", tunnel=tunnel_id)
         self._granted(tunnel, tunnel_id, granted_endpoints, secret)
 
     def _granted(self, tunnel: Tunnel, tunnel_id: str, granted_endpoints: list, secret: str | None) -> None:
