@@ -85,13 +85,13 @@ def _spec(target, *, unencrypted, alpn, services, allow, client_ca, proxy_protoc
 _agents: dict[tuple, object] = {}  # (id(reactor), relay, token, ca) -> TunnelAgent
 
 
-def _shared_agent(reactor, relay: str, token: str, ca: str | None):
+def _shared_agent(reactor, relay: str, token: str, ca: str | None, links: int = 2):
     from client.agent import TunnelAgent
 
-    key = (id(reactor), relay, token, ca)
+    key = (id(reactor), relay, token, ca, links)
     agent = _agents.get(key)
     if agent is None or agent.stopped:
-        agent = TunnelAgent(reactor, relay, token, ca_path=ca, fail_on_refusal=False)
+        agent = TunnelAgent(reactor, relay, token, ca_path=ca, fail_on_refusal=False, links=links)
         agent.done.addErrback(lambda failure: None)  # errors reach each tunnel's caller
         agent.done.addBoth(lambda _: _agents.pop(key, None) if _agents.get(key) is agent else None)
         _agents[key] = agent
@@ -99,11 +99,11 @@ def _shared_agent(reactor, relay: str, token: str, ca: str | None):
     return agent
 
 
-def _open_in_reactor(reactor, spec: TunnelSpec, relay, token, ca, connect_timeout: float):
+def _open_in_reactor(reactor, spec: TunnelSpec, relay, token, ca, connect_timeout: float, links: int = 2):
     """Runs in the reactor's thread: a Deferred firing with the granted Tunnel."""
     from twisted.internet import defer
 
-    agent = _shared_agent(reactor, relay, token, ca)
+    agent = _shared_agent(reactor, relay, token, ca, links)
     tunnel = agent.add_tunnel(spec, keep_address=True)
 
     def give_up():
@@ -159,7 +159,7 @@ def _close_in_reactor(tunnel):
 
 def open_tunnel(target=None, *, reactor=None, unencrypted=False, relay=None, token=None, ca=None,
                 alpn=None, services=None, allow=None, client_ca=None, proxy_protocol=None,
-                tls_passthrough=False, name=None, connect_timeout=DEFAULT_CONNECT_TIMEOUT_SECONDS):
+                tls_passthrough=False, name=None, connect_timeout=DEFAULT_CONNECT_TIMEOUT_SECONDS, links=2):
     """From Twisted code: a Deferred firing with a live Tunnel (never blocks).
 
     Same arguments as forward(); `reactor` defaults to the global one. Errors
@@ -175,9 +175,10 @@ def open_tunnel(target=None, *, reactor=None, unencrypted=False, relay=None, tok
                      name=name)
     except TunnelError:
         return defer.fail()
+    _check_links(links)
     if reactor is None:
         from twisted.internet import reactor
-    return _open_in_reactor(reactor, spec, relay, token, ca, connect_timeout)
+    return _open_in_reactor(reactor, spec, relay, token, ca, connect_timeout, links)
 
 
 def close_tunnel(tunnel):
@@ -267,7 +268,8 @@ class TunnelContext:
     gives the live Tunnel and closes it on the way out, exception or not."""
 
     def __init__(self, spec: TunnelSpec, relay: str, token: str, ca: str | None,
-                 connect_timeout: float):
+                 connect_timeout: float, links: int = 2):
+        self._links = links
         self._spec = spec
         self._settings = (relay, token, ca)
         self._connect_timeout = connect_timeout
@@ -276,7 +278,7 @@ class TunnelContext:
     def _open_future(self) -> concurrent.futures.Future:
         thread = _reactor_thread()
         return thread.submit(
-            _open_in_reactor, thread.reactor, self._spec, *self._settings, self._connect_timeout
+            _open_in_reactor, thread.reactor, self._spec, *self._settings, self._connect_timeout, self._links
         )
 
     def _close_future(self) -> concurrent.futures.Future:
@@ -346,7 +348,8 @@ class TunnelContext:
 
 def forward(target=None, *, unencrypted=False, relay=None, token=None, ca=None, alpn=None,
             services=None, allow=None, client_ca=None, proxy_protocol=None,
-            tls_passthrough=False, name=None, connect_timeout=DEFAULT_CONNECT_TIMEOUT_SECONDS) -> TunnelContext:
+            tls_passthrough=False, name=None, connect_timeout=DEFAULT_CONNECT_TIMEOUT_SECONDS,
+            links=2) -> TunnelContext:
     """A public address for a local port, live inside a `with` or `async with` block.
 
     target: a port (8000) or "host:port" on this machine's network; or give
@@ -363,6 +366,8 @@ def forward(target=None, *, unencrypted=False, relay=None, token=None, ca=None, 
         is the same after restarts of this program and of the relay.
     connect_timeout: seconds before RelayUnreachableError when the relay
         does not answer.
+    links: TLS links kept to the relay, one session (default 2);
+        tunnel.health is "Healthy", "Degraded", "Down" or "Inactive".
 
     Raises TunnelError subclasses: ConfigurationError and BadServiceNameError
     here (and BadNameError); AuthenticationError, RelayVerificationError,
@@ -375,4 +380,12 @@ def forward(target=None, *, unencrypted=False, relay=None, token=None, ca=None, 
     relay, token, ca = _settings(relay, token, ca)
     spec = _spec(target, unencrypted=unencrypted, alpn=alpn, services=services, allow=allow,
                  client_ca=client_ca, proxy_protocol=proxy_protocol, tls_passthrough=tls_passthrough)
-    return TunnelContext(spec, relay, token, ca, connect_timeout)
+    _check_links(links)
+    return TunnelContext(spec, relay, token, ca, connect_timeout, links)
+
+
+def _check_links(links) -> None:
+    from client.agent import MAX_LINKS
+
+    if isinstance(links, bool) or not isinstance(links, int) or not 1 <= links <= MAX_LINKS:
+        raise ConfigurationError(f"links must be 1 to {MAX_LINKS}")

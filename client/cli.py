@@ -82,6 +82,10 @@ def _add_common_options(command: argparse.ArgumentParser) -> None:
     relay.add_argument("--ca", help="CA file for the relay's certificate [env TUNNEL_CA]")
     relay.add_argument("--config", metavar="FILE", help="agent TOML file (see the README)")
     relay.add_argument(
+        "--links", type=int, default=None, metavar="N",
+        help="TLS links kept to the relay, one session (default 2): losing one loses only its streams",
+    )
+    relay.add_argument(
         "--max-retries", type=int, default=None, metavar="N",
         help="give up (exit code 5) after the first attempt and N retries, or after N failed "
         "reconnects once a link was lost (0: exit as soon as it fails or is lost; for "
@@ -118,7 +122,7 @@ def _add_common_options(command: argparse.ArgumentParser) -> None:
     )
     relay.add_argument(
         "--metrics-port", metavar="[HOST:]PORT", default=None,
-        help="serve Prometheus /metrics on this port (docs/metrics.md); HOST defaults to --metrics-interface",
+        help="serve /metrics (docs/metrics.md), /healthz and /ready on this port; HOST defaults to --metrics-interface",
     )
     relay.add_argument(
         "--metrics-interface", metavar="ADDR", default=None,
@@ -248,6 +252,7 @@ def _settings(args) -> dict:
         "log_format": log_format,
         "grace_period": float(grace_period),
         "metrics": _metrics_address(pick("metrics_port"), pick("metrics_interface")),
+        "links": pick("links"),
     }
 
 
@@ -365,7 +370,10 @@ def _start_metrics(reactor, address: tuple[str, int], agent):
     from relay.wire.prommetrics import MetricsPage, metrics_registry
 
     host, port = address
-    site = Site(MetricsPage(metrics_registry(agent.metrics, "tunnel_agent"), allowed_hosts_for(host)))
+    from client.health import AgentHealthPage
+
+    page = MetricsPage(metrics_registry(agent.metrics, "tunnel_agent"), allowed_hosts_for(host))
+    site = Site(AgentHealthPage(agent, page))
     site.noisy = False
     endpoint_type = TCP6ServerEndpoint if ":" in host else TCP4ServerEndpoint
     return endpoint_type(reactor, port, interface=host).listen(site)
@@ -414,13 +422,16 @@ def _run(args) -> int:
         kwargs["keepalive_timeout_seconds"] = args.keepalive_timeout
     if settings["connect_timeout"] is not None:
         kwargs["connect_timeout_seconds"] = float(settings["connect_timeout"])
+    if settings["links"] is not None:
+        kwargs["links"] = settings["links"]
     holder = {}
     if settings["metrics"] is not None:
         from relay.wire.prommetrics import PrometheusMetrics
 
         # The agent's one link, read at scrape time for its open streams' bytes.
         kwargs["metrics"] = PrometheusMetrics(
-            "agent", live_links=lambda: [link] if (link := holder["agent"].link) is not None else [],
+            "agent", live_links=lambda: list(holder["agent"].ready_links),
+            link_states=lambda: holder["agent"].link_states(),
         )
     else:
         kwargs["metrics"] = NULL_METRICS

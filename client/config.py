@@ -245,7 +245,7 @@ def build_specs(*, targets=(), services=(), expose_ports=(), unencrypted=False,
 def load_agent_config(path: str) -> dict:
     """An agent TOML file: relay, token, ca, json, alpn, allow, client_ca (a
     file), proxy_protocol, unencrypted, tls_passthrough, name (a stable name),
-    forward (a list of targets), log_format, metrics_port (9100 or "HOST:PORT"),
+    forward (a list of targets), links, log_format, metrics_port (9100 or "HOST:PORT"),
     metrics_interface, and [services] (name = "[HOST:]PORT[:MODE]")."""
     try:
         with open(path, "rb") as f:
@@ -257,7 +257,8 @@ def load_agent_config(path: str) -> dict:
     data = {k.replace("-", "_"): v for k, v in data.items()}
     known = {"relay", "token", "ca", "json", "alpn", "allow", "client_ca", "proxy_protocol",
              "unencrypted", "tls_passthrough", "forward", "services", "max_retries", "connect_timeout",
-             "cert", "key", "log_format", "metrics_port", "metrics_interface", "name", "grace_period"}
+             "cert", "key", "log_format", "metrics_port", "metrics_interface", "name", "grace_period",
+             "links"}
     unknown = set(data) - known
     if unknown:
         raise ConfigurationError(f"config file {path}: unknown keys {', '.join(sorted(unknown))}")

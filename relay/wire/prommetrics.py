@@ -56,7 +56,7 @@ class PrometheusMetrics(Counters):
     of streams still open and each tenant's links.
     """
 
-    def __init__(self, end: str, *, tenant_of=None, live_links=None,
+    def __init__(self, end: str, *, tenant_of=None, live_links=None, link_states=None,
                  max_tunnel_series: int = MAX_TUNNEL_SERIES, max_tenant_series: int = MAX_TENANT_SERIES):
         super().__init__()
         if end not in ("relay", "agent"):
@@ -64,6 +64,9 @@ class PrometheusMetrics(Counters):
         self.end = end
         self._tenant_of = tenant_of
         self.live_links = live_links or (lambda: ())
+        # The agent's links (client/agent.py TunnelAgent.link_states): up or
+        # down and round-trip time, per link number; None on the relay.
+        self.link_states = link_states
         self.max_tunnel_series = max_tunnel_series
         self.max_tenant_series = max_tenant_series
         # Non-cumulative counts per bucket; the last one is +Inf.
@@ -283,6 +286,23 @@ class MetricsCollector(Collector):
             c_bytes.add_metric([tenant, TO_VISITOR], to_visitor)
             c_refused.add_metric([tenant], figures["refused_total"])
         yield from (g_links, g_tunnels, g_streams, c_opened, c_bytes, c_refused)
+        if m.link_states is not None:
+            yield from self._agent_links(m.link_states(), p)
+
+    @staticmethod
+    def _agent_links(states: list[dict], p: str):
+        up = GaugeMetricFamily(f"{p}_link_up", "1 if the agent's link is up, 0 if it is down or redialling.",
+                               labels=["link"])
+        rtt = GaugeMetricFamily(f"{p}_link_rtt_seconds", "Round-trip time of the link's last keepalive.",
+                                labels=["link"])
+        for state in states:
+            up.add_metric([str(state["link"])], 1 if state["state"] == "up" else 0)
+            if state["state"] == "up" and state["rtt_ms"] is not None:
+                rtt.add_metric([str(state["link"])], state["rtt_ms"] / 1000)
+        yield up
+        yield rtt
+        yield _gauge(f"{p}_links_wanted", "Links the agent keeps (--links, or 1 with a relay without sessions).",
+                     value=len(states))
 
 
 def _gauge(name: str, documentation: str, *, value) -> GaugeMetricFamily:
