@@ -51,6 +51,7 @@ class _Pair:
         self.proxy = proxy
         self.down, self.up = down, up
         self.closed = False
+        self.frozen = False  # this connection alone frozen (freeze()), the others pass
         self._lock = threading.Lock()
         for s in (down, up):
             s.settimeout(POLL_SECONDS)
@@ -66,7 +67,7 @@ class _Pair:
         while view:
             if self.closed:
                 return False
-            if self.proxy.mode == "freeze":
+            if self.proxy.mode == "freeze" or self.frozen:
                 time.sleep(POLL_SECONDS)
                 continue
             try:
@@ -82,7 +83,7 @@ class _Pair:
         held: collections.deque = collections.deque()  # (due, bytes) for delay mode
         while not self.closed:
             mode = self.proxy.mode
-            if mode == "freeze":
+            if mode == "freeze" or self.frozen:
                 # Read nothing: the sender's buffers fill and its TCP stalls,
                 # as on a path that drops everything.
                 time.sleep(POLL_SECONDS)
@@ -110,6 +111,10 @@ class _Pair:
                 return self.close()
             if mode == "throttle":
                 time.sleep(len(data) / self.proxy.rate_bytes_per_second)
+
+    def freeze(self) -> None:
+        """Forward nothing more on this connection, close nothing: a dead path for it alone."""
+        self.frozen = True
 
     def close(self, how: str = "close") -> None:
         with self._lock:
