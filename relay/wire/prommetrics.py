@@ -253,6 +253,8 @@ class MetricsCollector(Collector):
             t_refused.add_metric(key, figures["refused_total"])
         yield from (t_active, t_opened, t_bytes, t_refused)
 
+        if m.link_states is not None:  # the agent's links, each up or down, with its RTT
+            yield from self._agent_links(m.link_states(), p)
         if not per_tenant:
             return
         tenants = sorted(set(m.per_tenant) | set(tenant_links))
@@ -286,8 +288,6 @@ class MetricsCollector(Collector):
             c_bytes.add_metric([tenant, TO_VISITOR], to_visitor)
             c_refused.add_metric([tenant], figures["refused_total"])
         yield from (g_links, g_tunnels, g_streams, c_opened, c_bytes, c_refused)
-        if m.link_states is not None:
-            yield from self._agent_links(m.link_states(), p)
 
     @staticmethod
     def _agent_links(states: list[dict], p: str):
