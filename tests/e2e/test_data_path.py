@@ -357,6 +357,8 @@ def test_unreachable_service_closes_visitor_and_logs_once(relay, echo, agents):
     _, dead = agent.address()
     _, alive = agent.address()
     wait_for(lambda: sum("forwarding" in line for line in agent.stderr.all) == 2, 5, "forwarding lines")
+    # The second link (--links defaults to 2) says it joined: not a line this test counts.
+    wait_for(lambda: any("joined session" in line for line in agent.stderr.all), 10, "the second link")
     before = len(agent.stderr.all)
 
     with connect(dead) as s:
