@@ -760,7 +760,11 @@ class TunnelAgent:
     def link_connected(self, link: AgentLink) -> None:
         """TLS is up: join our session if one of our links is in it, else
         start one; while another link's fresh HELLO is under way, wait for it
-        (two fresh sessions would take the tunnels from each other)."""
+        (two fresh sessions would take the tunnels from each other). A link
+        redialled while we stop or drain joins nothing: it would take visitors."""
+        if self._stopping:
+            link.abort_link()
+            return
         if self._session is not None and self.link is not None:
             link.send_hello(self._session)
         elif self._primary is None or self._primary.closed:
@@ -881,6 +885,10 @@ class TunnelAgent:
     # -- link events -------------------------------------------------------------------
 
     def link_ready(self, link: AgentLink, join_secret: str | None = None) -> None:
+        if self._stopping and link.joining:
+            # Joined while we stop or drain: it would serve new visitors. Goodbye.
+            link.close_link(ErrorCode.NO_ERROR, "agent stopping")
+            return
         self.ready_links.append(link)
         self.metrics.link_up(link.session_id, f"{self.relay_host}:{self.relay_port}")
         if link.slot == 0:

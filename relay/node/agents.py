@@ -337,7 +337,9 @@ class RelayLink(MuxLink):
             self._log.info("agent {agent} drains: its tunnels are freed, its streams finish", agent=self.session_id)
             self.tunnels.link_draining(self)
             return
-        if code == ErrorCode.NO_ERROR:
+        if code in (ErrorCode.NO_ERROR, ErrorCode.DRAINING):
+            # DRAINING with its final GOAWAY in the same read (a drained link
+            # without streams, one of an agent's several) is a goodbye too.
             self.graceful = True
         self._log.info(
             "agent {agent} said goodbye ({code})", agent=self.session_id, code=getattr(code, "name", code)

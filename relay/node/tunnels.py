@@ -470,7 +470,8 @@ class TunnelManager:
             )
         session = link.session
         if session in tunnel.sessions:
-            return tunnel  # asked twice by one session: it serves it already
+            # One agent asking twice is a duplicate, not a replica.
+            raise NameInUseError(None, f"the name {tunnel.stable_name!r} is served by this agent already")
         yield self._attach_session(tunnel, session)
         self._log.info(
             "agent {agent} joined tunnel {tunnel} ({name}) as a replica: {count} replicas",

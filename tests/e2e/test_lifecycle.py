@@ -114,6 +114,8 @@ def forward_through(proxy, agents, relay, echo, *extra):
                    "--relay", f"localhost:{proxy.port}", *extra)
     _, port = agent.address()
     assert serves(port)
+    # Both links (--links defaults to 2) up, so a cut cuts them all.
+    wait_for(lambda: "joined session" in agent.stderr_text(), 10, "the agent's second link")
     return agent, port
 
 
@@ -126,8 +128,8 @@ def test_cut_link_reconnects_to_the_same_port(relays, proxies, echo, agents, how
     relay = relays()
     proxy = proxies(relay.agent_port)
     agent, port = forward_through(proxy, agents, relay, echo)
-    assert proxy.cut(rst=(how == "rst")) == 1
-    wait_for(lambda: proxy.accepted >= 2, 5, "the agent dialling again")
+    assert proxy.cut(rst=(how == "rst")) == 2  # both of its links
+    wait_for(lambda: proxy.accepted >= 3, 5, "the agent dialling again")
     wait_for(lambda: serves(port), 10, "the same port serving again")
     wait_for(lambda: "is live again" in agent.stderr_text(), 5, "the agent's reconnect line")
     assert tunnel_states(relay) == {port: "live"}

@@ -614,7 +614,7 @@ WATCH = """
 
     go = threading.Event()
     threading.Thread(target=lambda: (wait_go(), go.set()), daemon=True).start()
-    with forward({port}, unencrypted=True, relay="localhost:{proxy_port}") as tunnel:
+    with forward({port}, unencrypted=True, relay="localhost:{proxy_port}", links=1) as tunnel:
         seen = None
         while not go.is_set():
             now = (tunnel.status, tunnel.url, type(tunnel.error).__name__ if tunnel.error else None)
@@ -638,7 +638,7 @@ def test_cut_link_reconnects_with_the_same_url(relays, echo, programs):
         assert live["status"] == "live"
         port = int(live["url"].rsplit(":", 1)[1])
         assert_tcp_echo(port, b"before the cut\n")
-        assert proxy.cut() == 1
+        assert proxy.cut() == 1  # links=1: its one link (tests/e2e/test_ha.py cuts one of two)
         assert program.read()["status"] == "reconnecting"
         back = program.read()
         assert back["status"] == "live" and back["url"] == live["url"], back
