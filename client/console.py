@@ -204,7 +204,9 @@ class ConsoleModel:
         now = self.clock.seconds()
         agent = self.agent
         link = agent.link if agent is not None else None
-        streams = list(link.streams.values()) if link is not None else []
+        # Every link of the agent's session (--links) carries visitors.
+        links = [l for l in agent.ready_links if not l.closed] if agent is not None else []
+        streams = [stream for each in links for stream in each.streams.values()]
         live_by_tunnel: dict[str | None, list] = {}
         for stream in streams:
             live_by_tunnel.setdefault(stream.tunnel_id, []).append(stream)
