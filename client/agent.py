@@ -684,7 +684,9 @@ class TunnelAgent:
         the first attempt and N retries, or after N reconnects following a loss."""
         delay = self._backoff_seconds(failed_attempts)
         reason, self._failure_reason = self._failure_reason, None
-        giving_up = self.max_retries is not None and failed_attempts > self.max_retries
+        # --max-retries counts while no link is up: another link of the
+        # session serving means the relay is there, and this one redials.
+        giving_up = self.max_retries is not None and failed_attempts > self.max_retries and self.link is None
         if self._ever_ready:
             number, total, what = failed_attempts - 1, self.max_retries, "reconnect"
         else:
