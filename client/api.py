@@ -51,7 +51,8 @@ def _settings(relay, token, ca) -> tuple[str, str, str | None]:
 def _spec(target, *, unencrypted, alpn, services, allow, client_ca, proxy_protocol,
           tls_passthrough, name=None) -> TunnelSpec:
     if isinstance(services, dict):
-        services = [f"{name}={value}" for name, value in services.items()]
+        # (not `name`: that is the stable name argument)
+        services = [f"{service}={value}" for service, value in services.items()]
     if target is None and not services:
         raise ConfigurationError("forward() needs a port, 'host:port', or services={...}")
     if target is not None and services:
@@ -379,7 +380,8 @@ def forward(target=None, *, unencrypted=False, relay=None, token=None, ca=None, 
     """
     relay, token, ca = _settings(relay, token, ca)
     spec = _spec(target, unencrypted=unencrypted, alpn=alpn, services=services, allow=allow,
-                 client_ca=client_ca, proxy_protocol=proxy_protocol, tls_passthrough=tls_passthrough)
+                 client_ca=client_ca, proxy_protocol=proxy_protocol, tls_passthrough=tls_passthrough,
+                 name=name)
     _check_links(links)
     return TunnelContext(spec, relay, token, ca, connect_timeout, links)
 

@@ -104,3 +104,15 @@ def test_a_stable_name_names_the_one_tunnel_asked_for(tmp_path):
     path = tmp_path / "agent.toml"
     path.write_text('name = "web"\nforward = [8000]\n')
     assert load_agent_config(str(path))["name"] == "web"
+
+
+def test_forward_passes_its_stable_name_on_with_a_port_or_with_services():
+    """forward(name=...) puts the name in the tunnel's spec, also when services={...}
+    is given (its loop variable used to overwrite `name`)."""
+    from client.api import forward
+
+    settings = dict(relay="localhost:17000", token="t", ca=None)
+    assert forward(8000, name="web", **settings)._spec.stable_name == "web"
+    spec = forward(services={"api": 9000, "admin": 9001}, name="web", **settings)._spec
+    assert spec.stable_name == "web"
+    assert forward(8000, **settings)._spec.stable_name is None
