@@ -42,6 +42,10 @@ class Session:
         self.links: list = []  # its authenticated links, first one first
         self.tunnel_ids: set[str] = set()  # the tunnels it serves (owned, or as a replica)
         self.next_link_number = 0
+        # One of its links said goodbye or DRAINING: the agent is stopping, so
+        # its other links ending (one may close mid-join, without a GOAWAY)
+        # end its tunnels too, rather than leave them waiting out the grace.
+        self.stopping = False
 
     def live_links(self) -> list:
         return [link for link in self.links if not link.closed]

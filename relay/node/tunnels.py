@@ -703,6 +703,10 @@ class TunnelManager:
         grace once no other link serves them."""
         self._drop_link(link)
         session = getattr(link, "session", None)
+        if session is not None:
+            if graceful:
+                session.stopping = True
+            graceful = graceful or session.stopping
         self._detach_all(link, graceful, keep_streams=False)
         if session is not None and self.sessions.leave(link):
             # Its last link: it serves nothing now. Its tunnels wait in their
@@ -718,6 +722,9 @@ class TunnelManager:
         """The agent said GOAWAY(DRAINING): its tunnels end now, as on a
         goodbye (no new visitors, ports into quarantine), but the streams in
         progress on the link go on until the agent's final GOAWAY."""
+        session = getattr(link, "session", None)
+        if session is not None:
+            session.stopping = True
         self._detach_all(link, True, keep_streams=True)
 
     def _detach_all(self, link, graceful: bool, keep_streams: bool) -> None:

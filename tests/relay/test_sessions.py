@@ -188,3 +188,17 @@ def test_a_replica_with_another_tenants_token_is_refused():
     assert not refused.ok and refused.error.code is RequestErrorCode.NAME_TAKEN
     [tunnel] = node.tunnels.tunnels.values()
     assert len(tunnel.sessions) == 1
+
+
+def test_a_stopping_agents_other_link_ending_without_a_goodbye_frees_its_tunnels():
+    """One link of the session says DRAINING (the agent stops); its other link then ends without a GOAWAY
+    (it was closed mid-join): the tunnel ends at once, its port rests in quarantine, no grace period."""
+    node = Node(grace_seconds=60)
+    first = node.agent(links=2)
+    first.open()
+    second = node.join(first)
+    first.mux.drain("agent draining")
+    first.pump()
+    assert len(node.tunnels.tunnels) == 1  # still served by the second link
+    second.lose()
+    assert node.tunnels.tunnels == {}
