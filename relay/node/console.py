@@ -186,14 +186,9 @@ class ConsoleView:
 
 
 def _limits_text(limits: dict) -> str:
-    shown = []
-    for key, value in limits.items():
-        if key == "ports":
-            value = f"{value[0]}-{value[1]}"
-        elif key == "names":
-            value = ",".join(value)
-        shown.append(f"{key}={value}")
-    return " ".join(shown) or "node defaults"
+    from relay.node.tokens import limits_text
+
+    return limits_text(limits) or "node defaults"
 
 
 # -- the tables, described once -----------------------------------------------------

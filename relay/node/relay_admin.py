@@ -172,15 +172,9 @@ def _limits(current: dict, changes: dict, where: str):
 
 
 def _describe(record) -> str:
-    limits = record.limits.to_json()
-    shown = []
-    for key, value in limits.items():
-        if key == "ports":
-            value = f"{value[0]}-{value[1]}"
-        elif key == "names":
-            value = ",".join(value)
-        shown.append(f"{key}={value}")
-    return " ".join(shown) or "(node defaults)"
+    from relay.node.tokens import limits_text
+
+    return limits_text(record.limits.to_json()) or "(node defaults)"
 
 
 def _print_records(records, as_json: bool) -> None:

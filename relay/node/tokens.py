@@ -415,3 +415,16 @@ class TokenStore:
             return self._file_stamp()
         except OSError as e:
             return ("unreadable", e.errno)
+
+
+def limits_text(limits: dict) -> str:
+    """A token's limits (TokenLimits.to_json()) in one line, as relay-admin
+    and the console show them: "max_tunnels=10 ports=30000-30099"; "" for none."""
+    shown = []
+    for key, value in limits.items():
+        if key == "ports":
+            value = f"{value[0]}-{value[1]}"
+        elif key == "names":
+            value = ",".join(value)
+        shown.append(f"{key}={value}")
+    return " ".join(shown)
